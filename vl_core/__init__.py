@@ -1,0 +1,1 @@
+"""comfyui-zimage-vl core library: pure torch, no ComfyUI imports, usable outside ComfyUI."""

@@ -1,0 +1,110 @@
+"""Backend-independent extraction: chat text, token spans, layer indices, token modes."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .types import Span, VLEmbeds
+
+PLACEMENTS = ("after_image", "before_image")
+TOKEN_MODES = ("full", "image", "text")
+
+# Qwen3 chat template as Z-Image uses it (no think block); the vision block is Qwen3-VL's.
+USER_PREFIX = "<|im_start|>user\n"
+ASSISTANT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+
+def chat_pieces(prompt: str, num_images: int, placement: str) -> tuple[str, str, str]:
+    """(before_prompt, prompt, after_prompt) whose concatenation is the full chat text.
+
+    The LM is causal: with "after_image" the prompt tokens see the image; with "before_image"
+    the image tokens see the prompt (image tokens never see text placed after them).
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
+    vision = VISION_BLOCK * num_images
+    if placement == "after_image":
+        return USER_PREFIX + vision, prompt, ASSISTANT_SUFFIX
+    return USER_PREFIX, prompt, vision + ASSISTANT_SUFFIX
+
+
+def find_runs(ids: Sequence[int] | torch.Tensor, token_id: int) -> list[Span]:
+    """Contiguous [start, end) runs of `token_id` in a 1-D id sequence (one run per image)."""
+    ids = torch.as_tensor(ids).flatten()
+    hit = (ids == token_id).to(torch.int8)
+    if not bool(hit.any()):
+        return []
+    edges = torch.diff(torch.cat([hit.new_zeros(1), hit, hit.new_zeros(1)]))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return list(zip(starts, ends))
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """Hugging Face `hidden_states` index in [0, num_layers]: i ≥ 0 kept, i < 0 → num_layers + 1 + i.
+
+    -1 is the final (normed) output, -2 the second-to-last layer's output (Z-Image's text layer).
+    """
+    resolved = layer if layer >= 0 else num_layers + 1 + layer
+    if not 0 <= resolved <= num_layers:
+        raise ValueError(
+            f"layer {layer} is out of range for a model with {num_layers} decoder layers: use "
+            f"-{num_layers + 1}..-1 or 0..{num_layers} (-6 is the recommended default)")
+    return resolved
+
+
+def parse_layers(spec: str | int | Sequence[int], num_layers: int) -> list[int]:
+    """Parse "-6" / "-6,-2" / [-6, -2] into sorted unique resolved layer indices."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.replace(";", ",").split(",") if p.strip()]
+        if not parts:
+            raise ValueError("layers is empty: give one index such as -6, or several such as -6,-2")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"layers {spec!r} must be integers separated by commas, e.g. -6 or -6,-2") from None
+    elif isinstance(spec, int):
+        values = [spec]
+    else:
+        values = list(spec)
+    return sorted({resolve_layer(v, num_layers) for v in values})
+
+
+def select_tokens(embeds: VLEmbeds, mode: str) -> VLEmbeds:
+    """Keep "full" (all tokens), "image" (image tokens only) or "text" (all non-image tokens)."""
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"token mode must be one of {TOKEN_MODES}, got {mode!r}")
+    if mode == "full":
+        return embeds
+    image = embeds.image_mask()
+    keep = image if mode == "image" else ~image
+    if not bool(keep.any()):
+        raise ValueError(f"token mode {mode!r} keeps no tokens of this encode "
+                         f"({embeds.num_image_tokens} image tokens of {embeds.num_tokens})")
+    new_index = torch.cumsum(keep.long(), 0) - 1
+
+    def remap(span: Span) -> Span:
+        s, e = span
+        kept = keep[s:e].nonzero().flatten()
+        if len(kept) == 0:
+            return (0, 0)
+        return (int(new_index[s + kept[0]]), int(new_index[s + kept[-1]]) + 1)
+
+    hidden = {layer: t[:, keep] for layer, t in embeds.hidden.items()}
+    image_spans = tuple(remap(s) for s in embeds.image_spans) if mode == "image" else ()
+    return embeds.with_hidden(hidden, image_spans=image_spans, prompt_span=remap(embeds.prompt_span),
+                              token_mode=mode)
+
+
+def build_embeds(hidden_states: Sequence[torch.Tensor] | dict[int, torch.Tensor], input_ids: torch.Tensor,
+                 image_pad_id: int, prompt_span: Span, layers: Sequence[int], num_layers: int, **meta) -> VLEmbeds:
+    """Assemble a VLEmbeds from a backend's hidden states (indexable by resolved layer) and expanded ids.
+
+    `input_ids` has one `image_pad_id` per image token, so image spans are its runs of that id.
+    """
+    hidden = {layer: hidden_states[layer] for layer in layers}
+    return VLEmbeds(hidden=hidden, image_spans=tuple(find_runs(input_ids, image_pad_id)),
+                    prompt_span=tuple(prompt_span), num_layers=num_layers, **meta)
