@@ -108,3 +108,21 @@ def build_embeds(hidden_states: Sequence[torch.Tensor] | dict[int, torch.Tensor]
     hidden = {layer: hidden_states[layer] for layer in layers}
     return VLEmbeds(hidden=hidden, image_spans=tuple(find_runs(input_ids, image_pad_id)),
                     prompt_span=tuple(prompt_span), num_layers=num_layers, **meta)
+
+
+def token_accounting(embeds: VLEmbeds) -> list[str]:
+    """One line per fact: token counts by role, layers, width, placement, source."""
+    n, n_img = embeds.num_tokens, embeds.num_image_tokens
+    n_prompt = embeds.prompt_span[1] - embeds.prompt_span[0]
+    sizes = ", ".join(f"{w}×{h}px" for h, w in embeds.image_sizes) or "-"
+    return [
+        f"tokens: {n} ({embeds.token_mode})",
+        f"  image: {n_img} in {len(embeds.image_spans)} span(s) {list(embeds.image_spans)}",
+        f"  prompt: {n_prompt} {tuple(embeds.prompt_span)}",
+        f"  template/other: {n - n_img - n_prompt}",
+        f"image size seen: {sizes}",
+        f"layers: {', '.join(embeds.layer_label(layer) for layer in embeds.layers)} of {embeds.num_layers}",
+        f"width: {embeds.width}   batch: {next(iter(embeds.hidden.values())).shape[0]}",
+        f"placement: {embeds.placement}",
+        f"source: {embeds.source or '-'}",
+    ]
