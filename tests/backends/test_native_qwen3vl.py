@@ -1,0 +1,188 @@
+"""ComfyUI side: NativeQwen3VLEncoder over ComfyUI's own Qwen3-VL, TransformersVLModel, model folders.
+
+Collected only when a ComfyUI host is found (see conftest.py); comfy runs on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import tiny_models
+
+backends = tiny_models.import_pack("nodes.backends")
+extract = tiny_models.import_pack("vl_core.extract")
+preprocess = tiny_models.import_pack("vl_core.preprocess")
+
+import comfy.model_management as model_management  # noqa: E402  (after conftest's prepare_comfy)
+import folder_paths  # noqa: E402
+
+PROMPT = "a red cat on a blue sofa"
+
+
+def picture(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def native_clip(hf_tiny_path):
+    return tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256)
+
+
+@pytest.fixture(scope="module")
+def native(native_clip):
+    return backends.NativeQwen3VLEncoder(native_clip)
+
+
+def deepstack_features(hf_encoder, images) -> list[torch.Tensor]:
+    pixel_values = torch.cat([preprocess.to_patches(im)[0] for im in images])
+    grid = torch.cat([preprocess.to_patches(im)[1] for im in images])
+    with torch.inference_mode():
+        out = hf_encoder.model.model.get_image_features(pixel_values, grid, return_dict=True)
+    return [torch.cat(feats).float() for feats in out.deepstack_features]
+
+
+@pytest.mark.parametrize("placement", ["after_image", "before_image"])
+def test_native_matches_transformers_on_same_weights(native, hf_encoder, placement):
+    """Both backends on identical fp32 weights (HF checkpoint loaded into ComfyUI's class with ComfyUI's key
+    renaming), two images of different sizes.
+
+    Text tokens agree at every layer (≤ ~2e-6 here; atol 1e-4), and image tokens at layer 0 and at layers
+    > K, where K = len(deepstack_visual_indexes) (2 here, 3 for Qwen3-VL-4B). At layers 1..K the image
+    tokens differ by exactly the DeepStack vision feature of that layer: transformers records
+    hidden_states[i] with a hook on decoder layer i-1's output, *before* Qwen3VLTextModel adds
+    deepstack_visual_embeds[i-1] at the image positions; ComfyUI's Llama2_ records the input of layer i,
+    *after* the addition. Everything else (vision tower, MRoPE positions, attention) matches to float
+    rounding: ComfyUI computes in fp32 with its own ops/attention (CPU: attention_basic), transformers with SDPA.
+    """
+    images = [picture(64, 96, 1), picture(96, 64, 2)]
+    layers = list(range(native.num_layers + 1))
+    a = native.encode(images, PROMPT, layers, placement)
+    b = hf_encoder.encode(images, PROMPT, layers, placement)
+    assert (a.image_spans, a.prompt_span, a.num_tokens) == (b.image_spans, b.prompt_span, b.num_tokens)
+    assert a.image_sizes == b.image_sizes == ((64, 96), (96, 64))
+    mask = a.image_mask()
+    deepstack = deepstack_features(hf_encoder, images)
+    k = len(deepstack)
+    assert k == len(hf_encoder.model.config.vision_config.deepstack_visual_indexes) == 2
+    for layer in layers:
+        na, hb = a.hidden[layer][0], b.hidden[layer][0]
+        torch.testing.assert_close(na[~mask], hb[~mask], atol=1e-4, rtol=1e-4, msg=f"text, layer {layer}")
+        expected = hb[mask] + deepstack[layer - 1] if 1 <= layer <= k else hb[mask]
+        torch.testing.assert_close(na[mask], expected, atol=1e-4, rtol=1e-4, msg=f"image, layer {layer}")
+    for layer in range(1, k + 1):   # the difference is real, not rounding
+        assert (a.hidden[layer][0, mask] - b.hidden[layer][0, mask]).abs().max() > 1e-2
+
+
+def test_native_embeds_metadata_and_spans(native, hf_encoder):
+    embeds = native.encode([picture(64, 64)], PROMPT, [0, 3], "after_image")
+    assert (native.num_layers, native.width) == (4, 256)
+    assert embeds.layers == [0, 3] and embeds.num_layers == 4 and embeds.width == 256
+    assert embeds.placement == "after_image" and embeds.prompt == PROMPT
+    assert embeds.image_spans == ((4, 8),) and embeds.image_sizes == ((64, 64),)
+    assert "qwen3vl_tinytest_256x4" in embeds.source
+    assert native.image_pad_id == hf_encoder.image_pad_id == hf_encoder.model.config.image_token_id
+    for t in embeds.hidden.values():
+        assert t.dtype == torch.float32 and t.shape == (1, embeds.num_tokens, 256) and not t.is_inference()
+    ids, span = hf_encoder.tokenize(PROMPT, 1, "after_image", [4])
+    assert embeds.prompt_span == span
+    assert hf_encoder.tokenizer.decode(ids[span[0]:span[1]]) == PROMPT
+
+
+def test_original_clip_settings_unchanged(native_clip):
+    inner = getattr(native_clip.cond_stage_model, native_clip.cond_stage_model.clip)
+    tokens = native_clip.tokenize("hello")
+    native_clip.clip_layer(-2)
+    reference = native_clip.encode_from_tokens(tokens)   # leaves the shared module set to layer -2
+    before = (native_clip.layer_idx, inner.layer, inner.layer_idx, inner.execution_device)
+    assert before[:3] == (-2, "hidden", -2)
+    encoder = backends.NativeQwen3VLEncoder(native_clip)
+    encoder.encode([picture(64, 64)], PROMPT, [1, 2, 4], "before_image")
+    assert (native_clip.layer_idx, inner.layer, inner.layer_idx, inner.execution_device) == before
+    after = native_clip.encode_from_tokens(tokens)
+    assert after.ndim == 3 and torch.equal(after, reference)
+    native_clip.clip_layer(None)
+
+
+def test_non_qwen3vl_clip_is_refused():
+    zimage = tiny_models.make_native_tiny_zimage_clip()
+    with pytest.raises(ValueError, match=r"clip is not a Qwen3-VL text encoder \(found comfy\.text_encoders\.z_image\.ZImageTEModel "
+                                         r"with Qwen3_4B\).*"
+                                         r"CLIPLoader type 'lumina2'.*Load Qwen3-VL \(transformers\)"):
+        backends.NativeQwen3VLEncoder(zimage)
+    with pytest.raises(ValueError, match="not a Qwen3-VL text encoder"):
+        backends.NativeQwen3VLEncoder(object())
+
+
+def test_native_refuses_bad_inputs(native):
+    with pytest.raises(ValueError, match="not resolved"):
+        native.encode([picture(64, 64)], PROMPT, [-2], "after_image")
+    with pytest.raises(ValueError, match="image_pad"):
+        native.encode([picture(64, 64)], "sneaky <|image_pad|> token", [1], "after_image")
+
+
+# ---------------------------------------------------------------------------- transformers via ModelPatcher
+
+def test_transformers_vl_model_runs_through_model_patcher(hf_tiny_path, hf_encoder):
+    vl = backends.load_transformers_vl(hf_tiny_path, "fp32")
+    assert (vl.num_layers, vl.width, vl.source) == (4, 256, os.path.basename(hf_tiny_path))
+    assert vl.patcher.model.hf is vl.encoder.model
+    img = picture(64, 96)
+    got = vl.encode([img], PROMPT, [0, 2, 4], "before_image")
+    assert any(m.model is vl.patcher for m in model_management.current_loaded_models)
+    ref = hf_encoder.encode([img], PROMPT, [0, 2, 4], "before_image")
+    for layer in ref.layers:
+        assert torch.equal(got.hidden[layer], ref.hidden[layer])
+    assert vl.encoder.model.dtype == torch.float32
+
+
+def test_dtype_choice():
+    assert backends.auto_dtype(torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        backends.load_transformers_vl("/nonexistent", "int8")
+
+
+# ---------------------------------------------------------------------------- model folders
+
+@pytest.fixture
+def model_dirs(tmp_path, monkeypatch):
+    """Fresh text_encoders / LLM roots in folder_paths (restored afterwards)."""
+    llm, te = tmp_path / "LLM", tmp_path / "text_encoders"
+    llm.mkdir()
+    te.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "LLM", ([str(llm)], set()))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders", ([str(te)], {".safetensors"}))
+    return llm, te
+
+
+def write_config(folder, model_type="qwen3_vl"):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+
+
+def test_list_and_resolve_vl_folders(model_dirs, tmp_path):
+    llm, te = model_dirs
+    write_config(llm / "Qwen3-VL-4B-Instruct")
+    write_config(llm / "Qwen" / "Qwen3-VL-tiny")
+    write_config(te / "qwen3-4b-hf", model_type="qwen3")
+    (llm / "not-a-model").mkdir()
+    (te / "some_file.safetensors").write_bytes(b"")
+    write_config(tmp_path / "outside")
+    assert backends.list_vl_folders() == ["Qwen/Qwen3-VL-tiny", "Qwen3-VL-4B-Instruct", "qwen3-4b-hf"]
+    assert backends.resolve_vl_folder("Qwen3-VL-4B-Instruct") == str(llm / "Qwen3-VL-4B-Instruct")
+    assert backends.resolve_vl_folder("Qwen/Qwen3-VL-tiny") == str(llm / "Qwen" / "Qwen3-VL-tiny")
+    with pytest.raises(ValueError, match="not a Qwen3-VL model.*'qwen3'"):
+        backends.resolve_vl_folder("qwen3-4b-hf")
+    for bad in ["../outside", "Qwen/../../outside", str(tmp_path / "outside"), "", "not-a-model", "missing"]:
+        with pytest.raises(ValueError):
+            backends.resolve_vl_folder(bad)
+
+
+def test_llm_folder_registered_on_demand(monkeypatch):
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "LLM", raising=False)
+    backends.register_folders()
+    assert folder_paths.get_folder_paths("LLM") == [os.path.join(folder_paths.models_dir, "LLM")]
+    backends.register_folders()   # idempotent
+    assert folder_paths.get_folder_paths("LLM") == [os.path.join(folder_paths.models_dir, "LLM")]

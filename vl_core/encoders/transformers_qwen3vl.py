@@ -1,0 +1,259 @@
+"""Qwen3-VL backend over Hugging Face `transformers` (no ComfyUI imports).
+
+Runs `Qwen3VLForConditionalGeneration`'s inner model only up to the deepest requested layer: forward
+hooks on the decoder layers record the requested states and stop the layer loop early by raising a
+private exception; the final norm runs only when layer L is requested and logits are never computed.
+
+Layer numbering is Hugging Face's `output_hidden_states`: 0 = the decoder's input embeddings (image
+features merged in), i in 1..L-1 = the output of decoder layer i-1 as HF records it, L = the final
+normed output. Note HF records layer outputs *before* DeepStack adds the vision features of the first
+len(deepstack_visual_indexes) layers at the image positions (ComfyUI's native encoder records them
+after; see nodes/backends.py). The states returned here are exactly (bit for bit) what the full HF
+forward returns with `output_hidden_states=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .. import extract, preprocess
+from ..types import VLEmbeds
+
+QWEN3VL_MODEL_TYPE = "qwen3_vl"
+
+
+class _StopForward(Exception):
+    """Raised from a decoder-layer hook once the deepest requested state is recorded."""
+
+
+def _read_model_type(path: str) -> tuple[str | None, list]:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return config.get("model_type"), config.get("architectures") or []
+
+
+def check_qwen3vl_folder(path: str) -> str:
+    """Absolute path of a Hugging Face Qwen3-VL folder; ValueError naming the folder and what it holds otherwise."""
+    path = os.path.abspath(os.fspath(path))
+    name = os.path.basename(os.path.normpath(path))
+    if not os.path.isdir(path):
+        raise ValueError(f"Qwen3-VL folder {name!r} not found ({path} is not a directory): put the Hugging Face "
+                         "Qwen3-VL-4B-Instruct folder under models/text_encoders or models/LLM")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"folder {name!r} ({path}) has no config.json, so it is not a Hugging Face model folder: "
+                         "use the full Qwen3-VL-4B-Instruct download (config.json, tokenizer, *.safetensors)")
+    try:
+        model_type, architectures = _read_model_type(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"folder {name!r}: cannot read config.json ({e})") from e
+    if model_type != QWEN3VL_MODEL_TYPE:
+        found = f"model_type {model_type!r}" + (f" ({', '.join(map(str, architectures))})" if architectures else "")
+        raise ValueError(f"folder {name!r} is not a Qwen3-VL model: its config.json has {found}, expected "
+                         f"model_type {QWEN3VL_MODEL_TYPE!r} (Qwen3VLForConditionalGeneration, e.g. "
+                         "Qwen3-VL-4B-Instruct)")
+    return path
+
+
+def tokenize_chat(tokenizer, before: str, text: str, after: str) -> tuple[list[int], tuple[int, int]]:
+    r"""Ids of the chat text before+text+after tokenized in one piece (as ComfyUI does), and the prompt's
+    [start, end) among them: the tokens overlapping the prompt's characters.
+
+    Exact also where a token straddles the boundary (a prompt starting with "\n" after "user\n" merges
+    into one "\n\n" token, so tokenizing the pieces separately would differ); such a token counts as prompt.
+    """
+    enc = tokenizer(before + text + after, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = [int(t) for t in enc["input_ids"]], enc["offset_mapping"]
+    c0, c1 = len(before), len(before) + len(text)
+    in_prompt = [i for i, (s, e) in enumerate(offsets) if s < c1 and e > c0 and e > s]
+    if in_prompt:
+        return ids, (in_prompt[0], in_prompt[-1] + 1)
+    n_before = len(tokenizer(before, add_special_tokens=False)["input_ids"])
+    return ids, (n_before, n_before)
+
+
+def expand_image_pads(raw_ids: Sequence[int], raw_span: tuple[int, int], image_pad_id: int,
+                      image_tokens: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Repeat the k-th image pad id image_tokens[k] times; map raw_span into the expanded sequence."""
+    counts = iter(image_tokens)
+    expanded: list[int] = []
+    starts: list[int] = []
+    for t in raw_ids:
+        starts.append(len(expanded))
+        if t == image_pad_id:
+            n = next(counts, None)
+            if n is None:
+                raise ValueError(f"more {extract.IMAGE_PAD} tokens than images")
+            expanded.extend([t] * n)
+        else:
+            expanded.append(t)
+    if next(counts, None) is not None:
+        raise ValueError(f"fewer {extract.IMAGE_PAD} tokens than images")
+    starts.append(len(expanded))
+    return torch.tensor(expanded, dtype=torch.long), (starts[raw_span[0]], starts[raw_span[1]])
+
+
+class TransformersQwen3VL:
+    """`VLEncoder` over a `transformers` Qwen3VLForConditionalGeneration and its tokenizer.
+
+    `model` is the nn.Module (wrap it in a ComfyUI ModelPatcher to have ComfyUI move it); encode() runs
+    on whatever device its parameters are on at call time. Returned states are float32 on
+    `output_device` (CPU by default).
+    """
+
+    def __init__(self, model, tokenizer, source: str = "", output_device: torch.device | str = "cpu"):
+        config = model.config
+        if getattr(config, "model_type", None) != QWEN3VL_MODEL_TYPE:
+            raise ValueError(f"model is not Qwen3-VL (config.model_type {getattr(config, 'model_type', None)!r})")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.source = source
+        self.output_device = torch.device(output_device)
+        text, vision = config.text_config, config.vision_config
+        self.num_layers = int(text.num_hidden_layers)
+        self.width = int(text.hidden_size)
+        self.patch_size = int(vision.patch_size)
+        self.temporal_patch_size = int(vision.temporal_patch_size)
+        self.merge_size = int(vision.spatial_merge_size)
+        self.image_pad_id = self._token_id(extract.IMAGE_PAD)
+        if self.image_pad_id != config.image_token_id:
+            raise ValueError(f"tokenizer maps {extract.IMAGE_PAD} to {self.image_pad_id} but the model config's "
+                             f"image_token_id is {config.image_token_id}: tokenizer and model do not belong together")
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> "TransformersQwen3VL":
+        """Load a local Hugging Face Qwen3-VL folder offline (no remote code, SDPA attention).
+
+        dtype None keeps the checkpoint's dtype. Refuses (ValueError) a missing folder or one whose
+        config.json is not model_type "qwen3_vl".
+        """
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        path = check_qwen3vl_folder(path)
+        name = os.path.basename(os.path.normpath(path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"folder {name!r}: cannot load its tokenizer ({e}); the folder needs the tokenizer "
+                             "files (tokenizer.json or vocab.json + merges.txt)") from e
+        try:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(
+                path, dtype=dtype if dtype is not None else "auto", local_files_only=True,
+                attn_implementation="sdpa")
+        except OSError as e:
+            raise ValueError(f"folder {name!r}: cannot load the Qwen3-VL weights ({e})") from e
+        model.to(device)
+        return cls(model, tokenizer, source=name)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _token_id(self, token: str) -> int:
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer does not know {token} as a single special token (got ids {ids})")
+        return int(ids[0])
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, prompt: str, num_images: int, placement: str,
+                 image_tokens: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(expanded ids [N] with image_tokens[k] pad ids for image k, prompt span in them)."""
+        before, text, after = extract.chat_pieces(prompt, num_images, placement)
+        raw_ids, raw_span = tokenize_chat(self.tokenizer, before, text, after)
+        found = sum(1 for t in raw_ids if t == self.image_pad_id)
+        if found != num_images:
+            raise ValueError(f"the chat text holds {found} {extract.IMAGE_PAD} tokens for {num_images} image(s): "
+                             f"remove {extract.IMAGE_PAD} / vision tokens from the prompt")
+        return expand_image_pads(raw_ids, raw_span, self.image_pad_id, image_tokens)
+
+    def _patches(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not images:
+            return None, None
+        pixels, grids = [], []
+        for k, image in enumerate(images):
+            if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
+                                 f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+            pv, grid = preprocess.to_patches(image, self.patch_size, self.temporal_patch_size, self.merge_size)
+            pixels.append(pv)
+            grids.append(grid)
+        return torch.cat(pixels), torch.cat(grids)
+
+    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                      grid_thw: torch.Tensor | None, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """{layer: [1, N, D]} for the requested resolved layers, running the LM no deeper than needed."""
+        layers = sorted(set(int(layer) for layer in layers))
+        if not layers:
+            raise ValueError("no layers requested")
+        bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are not resolved hidden-state indices in 0..{self.num_layers}")
+        deepest, wanted, L = layers[-1], set(layers), self.num_layers
+        decoder_layers = self.language_model.layers
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def pre_hook_0(module, args, kwargs):
+            captured[0] = args[0] if args else kwargs["hidden_states"]
+            if deepest == 0:
+                raise _StopForward
+
+        def make_hook(index: int):  # hidden_states[index] = output of decoder layer index-1
+            def hook(module, args, output):
+                if index in wanted:
+                    captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == deepest:
+                    raise _StopForward
+            return hook
+
+        device = self.device
+        kwargs = dict(input_ids=input_ids.view(1, -1).to(device), use_cache=False)
+        if pixel_values is not None:
+            kwargs.update(pixel_values=pixel_values.to(device), image_grid_thw=grid_thw.to(device),
+                          mm_token_type_ids=(input_ids == self.image_pad_id).view(1, -1).int().to(device))
+        try:
+            if 0 in wanted:
+                handles.append(decoder_layers[0].register_forward_pre_hook(pre_hook_0, with_kwargs=True))
+            for index in sorted(wanted | {deepest}):
+                if 1 <= index <= L - 1:
+                    handles.append(decoder_layers[index - 1].register_forward_hook(make_hook(index)))
+            with torch.inference_mode():
+                try:
+                    out = self.model.model(**kwargs)
+                    captured[L] = out.last_hidden_state
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = wanted - captured.keys()
+        if missing:
+            raise RuntimeError(f"layers {sorted(missing)} were not captured (model structure changed?)")
+        return {layer: captured[layer] for layer in layers}
+
+    # ------------------------------------------------------------------ protocol
+
+    def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
+        images = list(images)
+        pixel_values, grid_thw = self._patches(images)
+        unit = self.merge_size ** 2
+        image_tokens = [] if grid_thw is None else [int(g.prod()) // unit for g in grid_thw]
+        input_ids, prompt_span = self.tokenize(prompt, len(images), placement, image_tokens)
+        hidden = self.hidden_states(input_ids, pixel_values, grid_thw, layers)
+        # clone outside inference mode: plain tensors that downstream code may modify in place
+        hidden = {layer: t.to(self.output_device, torch.float32).clone() for layer, t in hidden.items()}
+        return extract.build_embeds(
+            hidden, input_ids, self.image_pad_id, prompt_span, sorted(hidden), self.num_layers,
+            placement=placement, source=self.source, prompt=prompt,
+            image_sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images))
