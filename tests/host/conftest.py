@@ -350,6 +350,13 @@ class ComfyServer:
         return self.wait_history(body["prompt_id"], timeout=timeout)
 
     # -- files ----------------------------------------------------------------
+    def view(self, item: dict) -> bytes:
+        """The bytes of one reported output file, fetched through GET /view like the editor does."""
+        import urllib.parse
+        q = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                    "type": item.get("type", "output")})
+        return self.get_bytes(f"/view?{q}")
+
     def output_files(self, entry: dict, node_id: str, kind: str | None = None) -> list[Path]:
         """Paths of the files an output node reported in a history entry."""
         out = entry.get("outputs", {}).get(str(node_id), {})
@@ -361,7 +368,8 @@ class ComfyServer:
                 continue
             for it in items:
                 if isinstance(it, dict) and "filename" in it:
-                    root = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}.get(
+                    # ComfyUI puts its temp folder at <--temp-directory>/temp
+                    root = {"output": self.output_dir, "temp": self.temp_dir / "temp", "input": self.input_dir}.get(
                         it.get("type", "output"), self.output_dir)
                     paths.append(root / it.get("subfolder", "") / it["filename"])
         return paths
@@ -432,7 +440,8 @@ def _is_vl_clip_loader(node: dict) -> bool:
 
 
 def swap_loaders_for_tiny(prompt: dict, *, seed: int = 0, width: int = 256, vl_width: int | None = None,
-                          vl_backend: str = "native", vl_folder: str = TINY_HF_FOLDER) -> dict:
+                          vl_backend: str = "native", vl_folder: str = TINY_HF_FOLDER,
+                          vl_layers: str | None = "-2") -> dict:
     """Return a copy of an API workflow with every real loader replaced by a tiny one; links kept.
 
     UNETLoader -> TinyZImageModel, VAELoader -> TinyVAE, CLIPLoader (Qwen3-4B) ->
@@ -440,6 +449,8 @@ def swap_loaders_for_tiny(prompt: dict, *, seed: int = 0, width: int = 256, vl_w
     ``vl_backend="transformers"`` instead makes the VL side a ZImageVL_LoadQwen3VL on the tiny HF
     folder (re-wiring VL Encode's ``clip`` input to ``vl_model``); ``"native"`` turns a
     ZImageVL_LoadQwen3VL into a TinyQwen3VLClip (re-wiring ``vl_model`` to ``clip``).
+    The tiny Qwen3-VL models have 4 decoder layers, so VL Encode's ``layers`` (shipped: -6) is set
+    to ``vl_layers`` unless that is None.
     """
     p = copy.deepcopy(prompt)
     vl_width = width if vl_width is None else vl_width
@@ -471,6 +482,9 @@ def swap_loaders_for_tiny(prompt: dict, *, seed: int = 0, width: int = 256, vl_w
                 rewire(nid, "clip", "vl_model")
             else:
                 raise ValueError(f"unknown vl_backend {vl_backend!r}")
+    if vl_layers is not None:
+        for nid in nodes_of(p, "ZImageVL_Encode"):
+            p[nid]["inputs"]["layers"] = vl_layers
     return p
 
 

@@ -172,6 +172,7 @@ def tiny_style_prompt(server, *, alpha=None, width=256, vl_width=None, vl_backen
 def _expect_error(server, prompt: dict):
     with pytest.raises(server.Error) as ei:
         server.submit(prompt)
+    print("\nnode error as the server sent it:", ei.value.text)
     return ei.value
 
 
@@ -321,6 +322,14 @@ def test_workflow_nodes_exist_and_ui_widgets_match_api(comfy_server):
             entry = info[t]
             specs = _input_specs(entry)
             linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+            for i in n.get("inputs", []):  # sockets: names and types as the host declares them
+                if i["name"] not in specs:
+                    problems.append(f"{name}: {t} #{n['id']} has an input {i['name']!r} the node does not declare")
+                elif _spec_type(specs[i["name"]][1]) != i["type"] and _spec_type(specs[i["name"]][1]) != "COMBO":
+                    problems.append(f"{name}: {t}.{i['name']} socket type {i['type']} != {_spec_type(specs[i['name']][1])}")
+            for slot, o in enumerate(n.get("outputs", [])):
+                if slot >= len(entry["output"]) or entry["output"][slot] != o["type"]:
+                    problems.append(f"{name}: {t} #{n['id']} output {slot} type {o['type']} != {entry['output'][slot:slot + 1]}")
             values = list(n.get("widgets_values") or [])
             mapped = {}
             for inp in _ordered_inputs(entry):
@@ -381,6 +390,10 @@ def test_style_reference_workflow_runs_on_tiny_models(comfy_server):
     plot = _image_outputs(comfy_server, entry, node_of(p, "PreviewImage"))
     with Image.open(plot[0]) as im:
         assert min(im.size) >= 64
+    import io
+    item = entry["outputs"][ids["save"]]["images"][0]
+    with Image.open(io.BytesIO(comfy_server.view(item))) as im:  # served like the editor fetches it
+        assert im.size == (128, 128)
     lat = _latent_output(comfy_server, entry, ids["save_latent"])
     assert lat.shape == (1, 16, 16, 16)
     import numpy as np
@@ -530,5 +543,6 @@ def test_save_load_round_trip_through_the_server(comfy_server):
         ins = add_node(p, "ZImageVL_Inspect", {"vl_embeds": [load, 0], "outlier_threshold": 10.0})
         add_node(p, "PreviewImage", {"images": [ins, 0]})
         err = _expect_error(comfy_server, p)
+        assert "outside" in err.text or "inside" in err.text, err.text
         assert "ZImageVL_LoadEmbeds" in err.text or err.node_type == "ZImageVL_LoadEmbeds" \
             or any(ne.get("class_type") == "ZImageVL_LoadEmbeds" for ne in err.node_errors.values()), err.text
