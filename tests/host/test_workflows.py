@@ -546,3 +546,40 @@ def test_save_load_round_trip_through_the_server(comfy_server):
         assert "outside" in err.text or "inside" in err.text, err.text
         assert "ZImageVL_LoadEmbeds" in err.text or err.node_type == "ZImageVL_LoadEmbeds" \
             or any(ne.get("class_type") == "ZImageVL_LoadEmbeds" for ne in err.node_errors.values()), err.text
+
+
+# --------------------------------------------------------------------------- the other conditioning nodes
+
+@pytest.mark.parametrize("mode,length,normalize,token_budget", [
+    ("slerp", "attention_pool", "per_dim", 0),
+    ("graduated", "truncate", "hybrid", 0),
+    ("linear", "concat", "none", 64),
+])
+def test_blend_variants_sample(comfy_server, mode, length, normalize, token_budget):
+    import numpy as np
+    p, ids = tiny_style_prompt(comfy_server, alpha=0.5, steps=2)
+    set_inputs(p, "ZImageVL_EmbeddingBlend", mode=mode, length=length, normalize=normalize, token_budget=token_budget)
+    p = prune_to(p, [ids["save_latent"]])
+    lat = _latent_output(comfy_server, comfy_server.submit(p), ids["save_latent"])
+    assert lat.shape == (1, 16, 16, 16) and np.isfinite(lat).all()
+
+
+def test_style_delta_adain_and_inspect_chain(comfy_server):
+    """text -> Style Delta (style vs neutral reference, same prompt) -> AdaIN -> KSampler; Inspect on the result."""
+    import numpy as np
+    p, ids = tiny_style_prompt(comfy_server, steps=2)
+    enc = p[ids["encode"]]
+    neutral_img = add_node(p, "LoadImage", {"image": comfy_server.stage_ref_image("purple_hexagon.png", size=128)})
+    neutral = add_node(p, "ZImageVL_Encode", {**copy.deepcopy(enc["inputs"]), "image": [neutral_img, 0]})
+    delta = add_node(p, "ZImageVL_StyleDelta", {"conditioning": [ids["text"], 0], "vl_style": [ids["encode"], 0],
+                                                "vl_neutral": [neutral, 0], "strength": 0.3, "normalize": True,
+                                                "length": "pool"})
+    adain = add_node(p, "ZImageVL_AdaIN", {"conditioning": [delta, 0], "vl_embeds": [ids["encode"], 0],
+                                           "mode": "per_dim", "weight": 0.5, "length": "attention_pool"})
+    p[ids["sampler"]]["inputs"]["positive"] = [adain, 0]
+    p[ids["inspect"]]["inputs"]["conditioning"] = [adain, 0]
+    entry = comfy_server.submit(p)
+    lat = _latent_output(comfy_server, entry, ids["save_latent"])
+    assert lat.shape == (1, 16, 16, 16) and np.isfinite(lat).all()
+    report = entry["outputs"].get(ids["inspect"], {}).get("text")
+    assert report and "".join(map(str, report)).strip(), entry["outputs"].get(ids["inspect"])
