@@ -307,6 +307,15 @@ def test_object_info_lists_every_pack_node_with_tooltips(comfy_server):
     assert not problems, "\n".join(sorted(set(problems)))
 
 
+def test_tiny_test_nodes_never_come_from_the_pack(comfy_server):
+    info = comfy_server.object_info()
+    tiny = {k: v.get("python_module") for k, v in info.items() if k.startswith("Tiny")}
+    assert set(tiny) >= {"TinyZImageModel", "TinyZImageTextEncoder", "TinyQwen3VLClip", "TinyVAE"}
+    assert set(tiny.values()) == {"custom_nodes.zimage_vl_tiny_nodes"}, tiny
+    pack_modules = {v.get("python_module") for k, v in info.items() if k.startswith("ZImageVL_")}
+    assert pack_modules == {"custom_nodes.comfyui-zimage-vl"}, pack_modules
+
+
 def test_workflow_nodes_exist_and_ui_widgets_match_api(comfy_server):
     info = _pack_node_infos(comfy_server)
     problems = []
