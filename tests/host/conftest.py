@@ -441,7 +441,7 @@ def _is_vl_clip_loader(node: dict) -> bool:
 
 def swap_loaders_for_tiny(prompt: dict, *, seed: int = 0, width: int = 256, vl_width: int | None = None,
                           vl_backend: str = "native", vl_folder: str = TINY_HF_FOLDER,
-                          vl_layers: str | None = "-2") -> dict:
+                          vl_layers: str | None = "-3") -> dict:
     """Return a copy of an API workflow with every real loader replaced by a tiny one; links kept.
 
     UNETLoader -> TinyZImageModel, VAELoader -> TinyVAE, CLIPLoader (Qwen3-4B) ->

@@ -189,7 +189,7 @@ def _vl_only_prompt(server, *, image_node_extra=None, clip_class="TinyQwen3VLCli
         image_ref = [add_node(p, class_type, inputs), 0]
     clip = add_node(p, clip_class, clip_inputs or {"seed": 0, "hidden_size": 256})
     enc = add_node(p, "ZImageVL_Encode", {
-        "image": image_ref, "clip": [clip, 0], "prompt": prompt_text, "layers": "-2", "token_mode": "full",
+        "image": image_ref, "clip": [clip, 0], "prompt": prompt_text, "layers": "-3", "token_mode": "full",
         "placement": "after_image", "max_image_tokens": 64, "resize": "fit_budget", "outlier_threshold": 10.0,
         "outlier_mode": "none"})
     ins = add_node(p, "ZImageVL_Inspect", {"vl_embeds": [enc, 0], "outlier_threshold": 10.0})
