@@ -33,7 +33,7 @@ def ratio_figure(ratio: torch.Tensor, outliers: torch.Tensor, threshold: float, 
     for tick in range(-math.floor(limit), math.floor(limit) + 1):
         y = y_of(tick)
         draw.line([left - 4, y, left, y], fill=AXIS)
-        draw.text((8, y - 6), f"{10.0 ** tick:g}×", fill=AXIS, font=font)
+        draw.text((8, y - 6), f"{10.0 ** tick:g}x", fill=AXIS, font=font)
     n = len(logs)
     xs = left + (np.arange(n) + 0.5) / max(n, 1) * (right - left)
     flagged = outliers.cpu().numpy().astype(bool)
@@ -44,7 +44,7 @@ def ratio_figure(ratio: torch.Tensor, outliers: torch.Tensor, threshold: float, 
     for d in np.flatnonzero(flagged)[:12]:
         draw.text((xs[d] + 4, y_of(float(logs[d])) - 12), str(int(d)), fill=OUTLIER, font=font)
     draw.text((left, 10), title, fill=AXIS, font=font)
-    draw.text((left, bottom + 10), f"dimension 0..{n - 1}   (shaded: within {threshold:g}× either way; "
+    draw.text((left, bottom + 10), f"dimension 0..{n - 1}   (shaded: within {threshold:g}x either way; "
                                    "red: outliers, louder above, quieter below)", fill=AXIS, font=font)
     for i, line in enumerate(lines):
         draw.text((right + 20, top + 16 * i), line, fill=AXIS, font=font)

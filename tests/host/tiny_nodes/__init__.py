@@ -157,8 +157,13 @@ def _tiny_models_module():
     return module
 
 
+# 8 decoder layers so the shipped default layer -6 is valid and exercised as is.
+TINY_VL_LAYERS = 8
+
+
 def build_tiny_qwen3vl_clip(seed: int = 0, hidden_size: int = 256, hf_path: str | None = None):
-    return _tiny_models_module().make_native_tiny_qwen3vl_clip(hf_path=hf_path, hidden_size=int(hidden_size), seed=int(seed))
+    return _tiny_models_module().make_native_tiny_qwen3vl_clip(hf_path=hf_path, hidden_size=int(hidden_size), seed=int(seed),
+                                                                      num_layers=TINY_VL_LAYERS)
 
 
 def tiny_vae_state_dict(seed: int = 0, decoder_ch: int = 32) -> dict:
