@@ -11,13 +11,13 @@ BG, AXIS, DOT, OUTLIER, BAND = (255, 255, 255), (60, 60, 60), (70, 110, 200), (2
 
 
 def ratio_figure(ratio: torch.Tensor, outliers: torch.Tensor, threshold: float, title: str, lines: list[str],
-                 size: tuple[int, int] = (1200, 600)) -> torch.Tensor:
+                 size: tuple[int, int] = (1400, 600)) -> torch.Tensor:
     """Scatter of log10(ratio_d) against d, the ±log10(threshold) band shaded; returns [H, W, 3] float 0..1."""
     width, height = size
     img = Image.new("RGB", size, BG)
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    left, right, top = 70, width - 330, 40
+    left, right, top = 70, width - 420, 40
     bottom = height - 50
     logs = torch.log10(ratio.float().clamp_min(1e-12)).cpu().numpy()
     limit = max(math.log10(threshold) * 1.5, float(np.abs(logs).max()) * 1.05, 0.5)
@@ -41,11 +41,12 @@ def ratio_figure(ratio: torch.Tensor, outliers: torch.Tensor, threshold: float, 
         colour, r = (OUTLIER, 3) if bad else (DOT, 1)
         y = y_of(float(v))
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    for d in np.flatnonzero(flagged)[:12]:
+    worst = np.flatnonzero(flagged)[np.argsort(-np.abs(logs[flagged]), kind="stable")][:10]
+    for d in worst:  # label the most extreme outliers
         draw.text((xs[d] + 4, y_of(float(logs[d])) - 12), str(int(d)), fill=OUTLIER, font=font)
-    draw.text((left, 10), title, fill=AXIS, font=font)
+    draw.text((left, 10), title.replace("×", "x"), fill=AXIS, font=font)
     draw.text((left, bottom + 10), f"dimension 0..{n - 1}   (shaded: within {threshold:g}x either way; "
                                    "red: outliers, louder above, quieter below)", fill=AXIS, font=font)
-    for i, line in enumerate(lines):
-        draw.text((right + 20, top + 16 * i), line, fill=AXIS, font=font)
+    for i, line in enumerate(lines):  # the bitmap default font has no "×"
+        draw.text((right + 20, top + 16 * i), line.replace("×", "x"), fill=AXIS, font=font)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)

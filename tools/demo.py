@@ -1,0 +1,95 @@
+"""`./dev demo`: the style-reference workflow on built-in tiny models.
+
+With a ComfyUI host (COMFYUI_PATH, default $HOME/ComfyUI): starts the real server on loopback with this
+pack and the test-only tiny model nodes, submits the shipped API workflow with its loaders swapped for
+tiny random models (same classes as Z-Image / Qwen3-4B / Qwen3-VL / Flux VAE, small sizes), and writes
+the generated image and the VL Inspect plot. Without a host: encodes the reference with a tiny
+transformers Qwen3-VL through vl_core and writes the inspector plot (no image: sampling needs the host).
+Random weights make a noise-like picture; the point is that the real graph runs end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.host import harness
+
+WORKFLOW = "zimage_vl_style_reference"
+
+
+def run_in_host(out: Path, image: str, size: int, alpha: float) -> None:
+    root = harness.comfyui_path()
+    with tempfile.TemporaryDirectory(prefix="zimage_vl_demo_") as work:
+        server = harness.ComfyServer(root, Path(work))
+        server.prepare()
+        print(f"demo: starting ComfyUI from {root} ...", flush=True)
+        server.start()
+        try:
+            prompt = harness.swap_loaders_for_tiny(harness.load_api_workflow(WORKFLOW))
+            harness.set_image(prompt, server.stage_ref_image(image, size=size))
+            harness.set_inputs(prompt, "EmptySD3LatentImage", width=size, height=size)
+            harness.set_inputs(prompt, "KSampler", steps=4)
+            harness.set_inputs(prompt, "ZImageVL_EmbeddingBlend", alpha=alpha)
+            entry = server.submit(prompt)
+            saved = server.output_files(entry, harness.node_of(prompt, "SaveImage"), "images")
+            plot = server.output_files(entry, harness.node_of(prompt, "PreviewImage"), "images")
+            report = entry["outputs"][harness.node_of(prompt, "ZImageVL_Inspect")]["text"][0]
+        finally:
+            server.stop()
+        shutil.copyfile(saved[0], out / "demo_image.png")
+        shutil.copyfile(plot[0], out / "demo_inspect.png")
+    print(report)
+    print(f"demo: ran workflows/api/{WORKFLOW}.json in ComfyUI on tiny models")
+    print(f"demo: wrote {out / 'demo_image.png'} and {out / 'demo_inspect.png'}")
+
+
+def run_without_host(out: Path, image: str) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tests import tiny_models
+    from vl_core import extract, plot, preprocess, stats
+    from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
+
+    print("demo: no ComfyUI host (set COMFYUI_PATH): encoding with a tiny transformers Qwen3-VL only; "
+          "the sampled image needs the host", flush=True)
+    with tempfile.TemporaryDirectory(prefix="zimage_vl_demo_") as work:
+        encoder = TransformersQwen3VL.from_pretrained(tiny_models.make_hf_tiny_qwen3vl(work, num_layers=8))
+        with Image.open(harness.ref_image_path(image)) as im:
+            picture = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
+        picture = preprocess.check_image(picture)
+        picture = preprocess.resize_image(picture, preprocess.plan_size(*picture.shape[:2], 256, "fit_budget"))
+        vl = encoder.encode([picture], "Describe the style of this image.",
+                            extract.parse_layers("-6", encoder.num_layers), "after_image")
+    image_mask = vl.image_mask()
+    ratio = stats.std_ratio(stats.dim_stats(vl.tokens(), image_mask), stats.dim_stats(vl.tokens(), ~image_mask))
+    outliers = stats.find_outliers(ratio, 10.0)
+    lines = extract.token_accounting(vl) + stats.outlier_report(ratio, outliers).splitlines()
+    figure = plot.ratio_figure(ratio, outliers, 10.0, "std ratio per dim: VL image tokens / VL text tokens", lines)
+    Image.fromarray((figure.numpy() * 255).round().astype("uint8")).save(out / "demo_inspect.png")
+    print("\n".join(lines))
+    print(f"demo: wrote {out / 'demo_inspect.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out", help="folder for demo_image.png and demo_inspect.png")
+    parser.add_argument("--image", default="test_scene.png", help="reference image in ../shared/ref_images")
+    parser.add_argument("--size", type=int, default=128, help="reference and output size in px (tiny models)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Embedding Blend alpha")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if harness.comfyui_path() is not None:
+        run_in_host(out, args.image, args.size, args.alpha)
+    else:
+        run_without_host(out, args.image)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
