@@ -592,3 +592,39 @@ def test_style_delta_adain_and_inspect_chain(comfy_server):
     assert lat.shape == (1, 16, 16, 16) and np.isfinite(lat).all()
     report = entry["outputs"].get(ids["inspect"], {}).get("text")
     assert report and "".join(map(str, report)).strip(), entry["outputs"].get(ids["inspect"])
+
+
+def _load_into_blend(server, name: str) -> dict:
+    p, ids = tiny_style_prompt(server)
+    load = add_node(p, "ZImageVL_LoadEmbeds", {"name": name})
+    p[ids["blend"]]["inputs"]["vl_embeds"] = [load, 0]
+    return prune_to(p, [ids["save_latent"]])
+
+
+def test_nan_embeddings_and_pickles_are_refused_through_the_server(comfy_server):
+    import pickle
+
+    import torch
+
+    from vl_core.types import VLEmbeds
+
+    folder = _embeds_dir(comfy_server)
+    folder.mkdir(parents=True, exist_ok=True)
+    hidden = torch.randn(1, 24, 256)
+    hidden[0, 5, 7] = float("nan")
+    VLEmbeds(hidden={6: hidden}, image_spans=((2, 18),), prompt_span=(18, 22), num_layers=8,
+             source="nan-test").to_safetensors(str(folder / "nan_test.safetensors"))
+    (folder / "pickled.safetensors").write_bytes(pickle.dumps({"hidden": hidden}))
+    comfy_server.object_info(refresh=True)
+
+    err = _expect_error(comfy_server, _load_into_blend(comfy_server, "nan_test.safetensors"))
+    assert "NaN" in err.text and "nan_test.safetensors" in err.text, err.text
+    err = _expect_error(comfy_server, _load_into_blend(comfy_server, "pickled.safetensors"))
+    assert "not a safetensors file" in err.text and "pickles are never loaded" in err.text, err.text
+
+
+def test_layer_out_of_range_names_the_valid_range(comfy_server):
+    p, ids = tiny_style_prompt(comfy_server)
+    p[ids["encode"]]["inputs"]["layers"] = "-20"
+    err = _expect_error(comfy_server, p)
+    assert "layer -20 is out of range" in err.text and "-9..-1" in err.text, err.text
