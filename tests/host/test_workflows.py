@@ -628,3 +628,11 @@ def test_layer_out_of_range_names_the_valid_range(comfy_server):
     p[ids["encode"]]["inputs"]["layers"] = "-20"
     err = _expect_error(comfy_server, p)
     assert "layer -20 is out of range" in err.text and "-9..-1" in err.text, err.text
+
+
+def test_frontend_extension_is_served(comfy_server):
+    listed = comfy_server.get_json("/extensions")
+    ours = [u for u in listed if "/comfyui-zimage-vl/" in u]
+    assert ours == ["/extensions/comfyui-zimage-vl/zimage_vl.js"], listed
+    js = comfy_server.get_bytes(ours[0]).decode()
+    assert "registerExtension" in js and "ZImageVL_Inspect" in js
