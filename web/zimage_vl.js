@@ -5,20 +5,22 @@ import { app } from "../../scripts/app.js";
 const REPORTING_NODES = new Set(["ZImageVL_Inspect", "ZImageVL_SaveEmbeds"]);
 const WIDGET_NAME = "zimage_vl_report";
 
-function showReport(node, text) {
-  let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
-  if (!widget) {
-    widget = node.addWidget("text", WIDGET_NAME, "", () => {}, { multiline: true, serialize: false });
-    const area = widget.element ?? widget.inputEl;
-    if (area) {
-      area.readOnly = true;
-      area.style.fontFamily = "monospace";
-      area.style.opacity = "0.85";
-    }
-    widget.serialize = false;
-  }
-  widget.value = text;
-  node.setDirtyCanvas?.(true, true);
+function reportBox(node) {
+  const existing = node.widgets?.find((w) => w.name === WIDGET_NAME);
+  if (existing) return existing;
+  const area = document.createElement("textarea");
+  area.readOnly = true;
+  area.spellcheck = false;
+  area.style.cssText = "width:100%;min-height:120px;font-family:monospace;font-size:11px;opacity:0.85;resize:vertical;";
+  // addDOMWidget is the frontend's public way to put an element on a node; serialize:false keeps
+  // the report out of saved workflows (it is output, not an input).
+  const widget = node.addDOMWidget(WIDGET_NAME, "zimage_vl_report", area, {
+    serialize: false,
+    getValue: () => area.value,
+    setValue: (v) => { area.value = v; },
+  });
+  widget.area = area;
+  return widget;
 }
 
 app.registerExtension({
@@ -29,7 +31,10 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = message?.text;
-      if (text) showReport(this, Array.isArray(text) ? text.join("\n") : String(text));
+      if (!text) return;
+      const widget = reportBox(this);
+      widget.area.value = Array.isArray(text) ? text.join("\n") : String(text);
+      this.setDirtyCanvas?.(true, true);
     };
   },
 });
