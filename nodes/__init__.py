@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import backends
 from .blend import AdaIN, EmbeddingBlend, StyleDelta
 from .encode import LoadQwen3VL, VLEncode
+from .injection import DiTInjection
 from .inspect import VLInspect
 from .io import LoadVLEmbeds, SaveVLEmbeds, register_folder
 
@@ -16,4 +17,5 @@ class ZImageVLExtension(ComfyExtension):
         backends.register_folders()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect]
+        return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
+                DiTInjection]

@@ -1,0 +1,205 @@
+"""Pure-torch math of the DiT layer injection (no comfy import); the ComfyUI glue is nodes/injection.py.
+
+Notation: B batch, L tokens, D model width, H query heads, Hkv key/value heads, d head width (D = H·d).
+
+caption stream   at a selected main block, on the caption slice txt [B, L, D] and the VL tokens
+                 embedded like a caption vl [1|B, L, D], with weight w:
+                     lerp: txt ← txt + w·(vl − txt)        add: txt ← txt + w·vl
+decoupled attention (training-free IP-Adapter analogue), per selected block:
+                     out_img ← out_img + w·softmax(q_img·k_vlᵀ/√d)·v_vl
+                 out = the block's own joint attention output (before its output projection),
+                 q_img = the block's image-token queries, k_vl/v_vl = the VL tokens projected with
+                 the same block's q/k/v weights and k-norm; a separate softmax, so the text/image
+                 attention is left exactly as it was.
+rows             a CFG batch is cond_or_uncond chunks of equal size; the hooks act on the row runs
+                 of the selected chunks only (0 = conditional, 1 = unconditional).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CAPTION_MODES = ("lerp", "add")
+APPLY_TO = ("cond_only", "both")
+
+Rows = list[tuple[int, int]]  # [start, end) row runs of a batch
+
+
+def chunk_rows(cond_or_uncond: Sequence[int] | None, batch: int, apply_to: str) -> Rows:
+    """Row runs [start, end) of a batch made of len(cond_or_uncond) equal chunks that the injection acts on.
+
+    apply_to = "both": every row; "cond_only": rows of chunks whose flag is 0 (conditional).
+    cond_or_uncond None/empty (a direct model call): the whole batch is treated as conditional.
+    Adjacent runs are merged.
+    """
+    if apply_to not in APPLY_TO:
+        raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
+    if batch < 1:
+        return []
+    if not cond_or_uncond or apply_to == "both":
+        return [(0, batch)]
+    chunks = len(cond_or_uncond)
+    if batch % chunks:
+        raise ValueError(f"batch of {batch} rows cannot be split into {chunks} equal cond/uncond chunks")
+    size = batch // chunks
+    runs: Rows = []
+    for i, flag in enumerate(cond_or_uncond):
+        if flag != 0:
+            continue
+        s, e = i * size, (i + 1) * size
+        if runs and runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], e)
+        else:
+            runs.append((s, e))
+    return runs
+
+
+def rows_cover(rows: Rows, batch: int) -> bool:
+    """True iff the runs are exactly the whole batch [0, batch)."""
+    return rows == [(0, batch)]
+
+
+def inplace_ok(x: torch.Tensor) -> bool:
+    """Whether x may be modified in place: not tracked by autograd, and not an inference tensor outside
+    inference mode (which torch forbids)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        return False
+    return True
+
+
+def caption_update_(txt: torch.Tensor, vl: torch.Tensor, weight: float, mode: str, rows: Rows) -> None:
+    """In place, on rows of txt [B, L, D]: lerp txt ← txt + w·(vl − txt) (torch.lerp), add txt ← txt + w·vl.
+
+    vl [1|B, L, D] in txt's dtype/device (a batch-1 vl broadcasts). w = 0 leaves txt untouched (no op).
+    """
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"caption mode must be one of {CAPTION_MODES}, got {mode!r}")
+    if weight == 0.0:
+        return
+    if vl.shape[-2:] != txt.shape[-2:]:
+        raise ValueError(f"VL caption tokens {tuple(vl.shape)} do not match the caption slice {tuple(txt.shape)}")
+    for s, e in rows:
+        part = txt[s:e]
+        end = vl if vl.shape[0] == 1 else vl[s:e]
+        if mode == "lerp":
+            part.lerp_(end, weight)
+        else:
+            part.add_(end, alpha=weight)
+
+
+def caption_update(txt: torch.Tensor, vl: torch.Tensor, weight: float, mode: str, rows: Rows) -> torch.Tensor:
+    """Out-of-place caption_update_: a new tensor, txt untouched."""
+    out = txt.clone()
+    caption_update_(out, vl, weight, mode, rows)
+    return out
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN scale as Z-Image's main blocks apply it to their attention input: x·(1 + scale) per row.
+
+    x [1|B, N, D], scale [B, D] → [B, N, D].
+    """
+    return x * (1 + scale.unsqueeze(1))
+
+
+def split_kv(proj: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [B, N, Hkv, d] from a fused projection laid out [q | k | v] ((H + 2·Hkv)·d wide) or [k | v] (2·Hkv·d)."""
+    b, n, width = proj.shape
+    q_w, kv_w = n_heads * head_dim, n_kv_heads * head_dim
+    if width == q_w + 2 * kv_w:
+        proj = proj[..., q_w:]
+    elif width != 2 * kv_w:
+        raise ValueError(f"projection width {width} is neither (H + 2·Hkv)·d = ({n_heads} + 2·{n_kv_heads})·{head_dim} "
+                         f"nor 2·Hkv·d")
+    k = proj[..., :kv_w].reshape(b, n, n_kv_heads, head_dim)
+    v = proj[..., kv_w:].reshape(b, n, n_kv_heads, head_dim)
+    return k, v
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, N, Hkv, d] → [B, N, Hkv·n_rep, d], each kv head repeated n_rep times in a row (grouped-query layout)."""
+    if n_rep == 1:
+        return x
+    return x.unsqueeze(3).expand(-1, -1, -1, n_rep, -1).flatten(2, 3)
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim: x / sqrt(mean(x²) + eps) · weight (Z-Image's q/k norms; the model uses
+    eps = float32 machine epsilon when the norm has none)."""
+    w = None if weight is None else weight.to(dtype=x.dtype, device=x.device)
+    return F.rms_norm(x, (x.shape[-1],), weight=w, eps=eps)
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in ComfyUI/Flux layout: x [B, N, H, d], freqs_cis [B|1, N, 1, d/2, 2, 2] (float32).
+
+    Each pair (x₀, x₁) becomes (f₀₀·x₀ + f₀₁·x₁, f₁₀·x₀ + f₁₁·x₁), computed in float32, returned in x's dtype.
+    Position 0 is the identity rotation.
+    """
+    x_ = x.to(freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    out = freqs_cis[..., 0] * x_[..., 0] + freqs_cis[..., 1] * x_[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference attention: q [B, H, Lq, d], k/v [B|1, H, N, d] → [B, Lq, H·d] = softmax(q·kᵀ/√d)·v."""
+    if k.shape[0] != q.shape[0]:
+        k = k.expand(q.shape[0], -1, -1, -1)
+        v = v.expand(q.shape[0], -1, -1, -1)
+    out = F.scaled_dot_product_attention(q, k, v)
+    b, h, lq, d = out.shape
+    return out.transpose(1, 2).reshape(b, lq, h * d)
+
+
+def decoupled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                        ) -> torch.Tensor:
+    """The extra attention of the image queries over the VL keys/values, its own softmax.
+
+    q [B, H, Lq, d], k/v [B|1, H, N, d] → [B, Lq, H·d] (the layout of an attention output before the
+    output projection). `attention(q, k, v)` may replace the reference SDPA (e.g. the host's backend).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q/k/v must be [B, H, L, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1] != q.shape[1] or k.shape[-1] != q.shape[-1] or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in heads/width/tokens")
+    return (attention or sdpa_heads)(q, k, v)
+
+
+def add_scaled_(out: torch.Tensor, extra: torch.Tensor, scale: float, start: int, rows: Rows) -> None:
+    """In place: out[rows, start:] += scale·extra, extra [Σrows, L − start, D] stacked in row-run order."""
+    if scale == 0.0:
+        return
+    offset = 0
+    for s, e in rows:
+        n = e - s
+        out[s:e, start:].add_(extra[offset:offset + n].to(out.dtype), alpha=scale)
+        offset += n
+    if offset != extra.shape[0]:
+        raise ValueError(f"extra attention has {extra.shape[0]} rows, the selected runs {rows} have {offset}")
+
+
+def gather_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """x[rows] stacked in run order (a view when one run)."""
+    if len(rows) == 1:
+        s, e = rows[0]
+        return x[s:e]
+    return torch.cat([x[s:e] for s, e in rows], dim=0)
+
+
+def padded_length(n: int, multiple: int | None) -> int:
+    """Token count after padding to a multiple (Z-Image pads its caption to 32): n + (−n mod m)."""
+    if not multiple:
+        return n
+    return n + (-n) % multiple
+
+
+__all__ = [
+    "APPLY_TO", "CAPTION_MODES", "add_scaled_", "apply_rope", "caption_update", "caption_update_", "chunk_rows",
+    "decoupled_attention", "gather_rows", "inplace_ok", "modulate", "padded_length", "repeat_kv", "rms_norm_heads",
+    "rows_cover", "sdpa_heads", "split_kv",
+]
