@@ -53,6 +53,15 @@ PACK_NODES = {
         "optional": {"clip", "vl_model"},
         "outputs": ["VL_EMBEDS"],
     },
+    "ZImageVL_DiTInjection": {
+        "inputs": {"model": None, "vl_embeds": None,
+                   "method": {"options": ["extra_attention", "caption_stream", "concat"]},
+                   "strength": None, "block_weights": {"default": "all"}, "caption_mode": None,
+                   "start_percent": {"default": 0.0}, "end_percent": {"default": 1.0},
+                   "schedule": {"options": ["constant", "linear_up", "linear_down", "cosine"]},
+                   "apply_to": None, "token_budget": None, "vl_rope": None},
+        "outputs": ["MODEL"],
+    },
     "ZImageVL_EmbeddingBlend": {
         "inputs": {"conditioning": None, "vl_embeds": None, "alpha": {"default": 0.3},
                    "mode": {"options": ["linear", "slerp", "graduated"]},
@@ -274,7 +283,7 @@ def test_shipped_workflows_match_the_brief():
 
 def test_object_info_lists_every_pack_node_with_tooltips(comfy_server):
     info = _pack_node_infos(comfy_server)
-    assert sorted(k for k in info if k.startswith("ZImageVL_")) >= sorted(PACK_NODES)
+    assert {k for k in info if k.startswith("ZImageVL_")} == set(PACK_NODES)
     problems = []
     for node_id, want in PACK_NODES.items():
         entry = info[node_id]
