@@ -79,6 +79,9 @@ class VLEncode(io.ComfyNode):
                 io.Combo.Input("outlier_mode", options=list(stats.OUTLIER_MODES), default="none", advanced=True,
                                tooltip="What to do with outlier dims in the image tokens: none, zero them, clamp "
                                        "to the text range, or scale them to the text std."),
+                io.Boolean.Input("offload_after_encode", default=True, optional=True, advanced=True,
+                                 tooltip="Unload the Qwen3-VL model from the GPU right after encoding, so it is "
+                                         "never resident while Z-Image samples (it reloads on the next encode)."),
             ],
             outputs=[VLEmbedsType.Output(display_name="vl_embeds")],
         )
@@ -93,7 +96,8 @@ class VLEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, prompt: str, layers: str, token_mode: str, placement: str, max_image_tokens: int,
-                resize: str, outlier_threshold: float, outlier_mode: str, clip=None, vl_model=None) -> io.NodeOutput:
+                resize: str, outlier_threshold: float, outlier_mode: str, clip=None, vl_model=None,
+                offload_after_encode: bool = True) -> io.NodeOutput:
         if not prompt or not prompt.strip():
             raise ValueError("prompt is empty: VL Encode reads the image together with text; give your Z-Image "
                              "prompt or a short description such as 'a photo'")
@@ -113,6 +117,8 @@ class VLEncode(io.ComfyNode):
         picture = preprocess.resize_image(picture, size)
         pbar.update(1)
         embeds = encoder.encode([picture], prompt, resolved, placement)
+        if offload_after_encode and hasattr(encoder, "offload"):
+            encoder.offload()
         pbar.update(1)
         embeds = stats.suppress_image_outliers(embeds, outlier_threshold, outlier_mode)
         embeds = extract.select_tokens(embeds, token_mode)

@@ -40,6 +40,17 @@ def hf_tiny_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def hf_encoder(hf_tiny_path):
+    """The default engine ("auto" = the fast runner over the HF modules)."""
     from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
 
-    return TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=None, device="cpu")
+    enc = TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=None, device="cpu")
+    assert enc.fast_runner() is not None
+    return enc
+
+
+@pytest.fixture(scope="session")
+def hf_exact(hf_encoder):
+    """Same model and tokenizer, engine "hf": the transformers forward stopped early by hooks."""
+    from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
+
+    return TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, source=hf_encoder.source, engine="hf")

@@ -1,6 +1,8 @@
 """ComfyUI side: NativeQwen3VLEncoder over ComfyUI's own Qwen3-VL, TransformersVLModel, model folders.
 
-Collected only when a ComfyUI host is found (see conftest.py); comfy runs on CPU.
+Collected only when a ComfyUI host is found (see conftest.py); comfy runs on CPU. The native encoder's
+default path is the fast runner over ComfyUI's loaded modules; engine="host" is ComfyUI's own encode
+(clip.tokenize + encode_from_tokens), the reference the fast path is checked against.
 """
 from __future__ import annotations
 
@@ -76,6 +78,151 @@ def test_native_matches_transformers_on_same_weights(native, hf_encoder, placeme
         assert (a.hidden[layer][0, mask] - b.hidden[layer][0, mask]).abs().max() > 1e-2
 
 
+# ---------------------------------------------------------------------------- fast path vs ComfyUI's own encode
+
+@pytest.fixture(scope="module")
+def host(native_clip):
+    return backends.NativeQwen3VLEncoder(native_clip, engine="host")
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("placement", ["after_image", "before_image"])
+def test_fast_path_matches_comfy_encode_fp32(native, host, placement):
+    """fp32 weights: the fast runner and ComfyUI's encoder (both fp32) agree to float rounding at every layer,
+    two images of different sizes."""
+    images = [picture(64, 96, 5), picture(96, 64, 6)]
+    layers = list(range(native.num_layers + 1))
+    a = native.encode(images, PROMPT, layers, placement)
+    assert native.last_path == "fast"
+    b = host.encode(images, PROMPT, layers, placement)
+    assert host.last_path == "host"
+    assert (a.image_spans, a.prompt_span, a.image_sizes) == (b.image_spans, b.prompt_span, b.image_sizes)
+    for layer in layers:
+        torch.testing.assert_close(a.hidden[layer], b.hidden[layer], atol=5e-5, rtol=1e-4, msg=f"layer {layer}")
+
+
+def test_fast_truncated_equals_fast_full(native):
+    full = native.encode([picture(64, 96, 7)], PROMPT, list(range(native.num_layers + 1)), "after_image")
+    for layers in ([0], [1], [2, 3], [4], [0, 4]):
+        got = native.encode([picture(64, 96, 7)], PROMPT, layers, "after_image")
+        for layer in layers:
+            assert torch.equal(got.hidden[layer], full.hidden[layer]), (layers, layer)
+
+
+@pytest.fixture(scope="module")
+def native_bf16_clip(hf_tiny_path):
+    return tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256, dtype=torch.bfloat16)
+
+
+def test_fast_path_matches_comfy_encode_bf16(native_bf16_clip, native_clip):
+    """bf16 weights: ComfyUI upcasts everything to fp32, the fast path computes in bf16; both stay within bf16
+    rounding of each other and of the fp32 model."""
+    fast = backends.NativeQwen3VLEncoder(native_bf16_clip)
+    slow = backends.NativeQwen3VLEncoder(native_bf16_clip, engine="host")
+    fp32 = backends.NativeQwen3VLEncoder(native_clip, engine="host")
+    images, layers = [picture(64, 96, 8)], [0, 1, 2, 3, 4]
+    a = fast.encode(images, PROMPT, layers, "after_image")
+    assert fast.last_path == "fast" and fast._runner.dtype == torch.bfloat16
+    b = slow.encode(images, PROMPT, layers, "after_image")
+    r = fp32.encode(images, PROMPT, layers, "after_image")
+    for layer in layers:
+        assert rel(a.hidden[layer], b.hidden[layer]) < 2e-2, layer
+        assert rel(a.hidden[layer], r.hidden[layer]) < 2e-2, layer
+        assert rel(b.hidden[layer], r.hidden[layer]) < 2e-2, layer
+
+
+def test_fast_path_through_comfy_weight_casting(native, host):
+    """Modules ComfyUI manages in place (lowvram / dynamic VRAM / LoRA weight functions) are read through
+    comfy.ops.cast_bias_weight: forcing that route for every ComfyUI op gives the same states."""
+
+    class CastEverything(backends.ComfyWeights):
+        calls = 0
+
+        def _is_direct(self, m):
+            return not hasattr(m, "comfy_cast_weights")
+
+        def get(self, m):
+            out = super().get(m)
+            if out[2] is not None:
+                CastEverything.calls += 1
+            return out
+
+    images, layers = [picture(64, 64, 9)], [1, 3, 4]
+    want = native.encode(images, PROMPT, layers, "after_image")
+    runner = native._runner
+    original = backends.ComfyWeights
+    backends.ComfyWeights = CastEverything
+    try:
+        got = native.encode(images, PROMPT, layers, "after_image")
+    finally:
+        backends.ComfyWeights = original
+    assert runner is native._runner and CastEverything.calls > 50
+    for layer in layers:
+        assert torch.equal(got.hidden[layer], want.hidden[layer])
+
+
+def test_fast_path_resizes_like_comfy(native, host):
+    """Images ComfyUI's Qwen-VL preprocessing resizes (under 3136 px here) are resized the same way on the device."""
+    image = picture(32, 64, 10)      # 2048 px -> ComfyUI upsizes to 64x96
+    a = native.encode([image], PROMPT, [1, 4], "after_image")
+    b = host.encode([image], PROMPT, [1, 4], "after_image")
+    assert a.image_sizes == b.image_sizes == ((64, 96),) and native.last_path == "fast"
+    for layer in (1, 4):
+        torch.testing.assert_close(a.hidden[layer], b.hidden[layer], atol=5e-5, rtol=1e-4)
+
+
+def test_encode_many_matches_single_encodes(native):
+    images = [picture(64, 96, 20), picture(64, 64, 21), picture(64, 96, 22), picture(64, 96, 23)]
+    layers = [0, 2, 4]
+    many = native.encode_many(images, PROMPT, layers, "before_image")
+    for image, got in zip(images, many):
+        alone = native.encode([image], PROMPT, layers, "before_image")
+        assert (got.image_spans, got.prompt_span, got.image_sizes) == (alone.image_spans, alone.prompt_span,
+                                                                       alone.image_sizes)
+        for layer in layers:
+            torch.testing.assert_close(got.hidden[layer], alone.hidden[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_fallback_to_comfy_encode_is_logged_once(hf_tiny_path, caplog):
+    """A clip the fast path cannot run (object patches here) encodes through ComfyUI's own encoder, says why
+    once; engine="fast" refuses instead."""
+    clip = tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256).clone()
+    inner = clip.cond_stage_model.clip
+    clip.patcher.add_object_patch(f"{inner}.transformer.dtype", torch.float32)     # harmless, but opaque to us
+    enc = backends.NativeQwen3VLEncoder(clip)
+    with caplog.at_level("WARNING", logger="comfyui-zimage-vl"):
+        a = enc.encode([picture(64, 64)], PROMPT, [2], "after_image")
+        b = enc.encode([picture(64, 64)], PROMPT, [2], "after_image")
+    assert enc.last_path == "host" and torch.equal(a.hidden[2], b.hidden[2])
+    assert caplog.text.count("object patches") == 1
+    with pytest.raises(RuntimeError, match="fast path does not apply.*object patches"):
+        backends.NativeQwen3VLEncoder(clip, engine="fast").encode([picture(64, 64)], PROMPT, [2], "after_image")
+
+
+def test_unknown_layout_falls_back(monkeypatch, native_clip):
+    enc = backends.NativeQwen3VLEncoder(native_clip)
+    monkeypatch.setattr(enc._transformer.model.config, "mlp_activation", "gelu_pytorch_tanh", raising=False)
+    assert "unknown module layout" in enc._fast_blocker() and "mlp_activation" in enc._fast_blocker()
+
+
+def test_offload_unloads_only_this_model(native_clip, hf_tiny_path):
+    enc = backends.NativeQwen3VLEncoder(native_clip)
+    other = tiny_models.make_native_tiny_zimage_clip()
+    model_management.load_models_gpu([other.patcher])
+    enc.encode([picture(64, 64)], PROMPT, [1], "after_image")
+    loaded = lambda: [m.model for m in model_management.current_loaded_models]  # noqa: E731
+    assert any(m is native_clip.patcher for m in loaded()) and any(m is other.patcher for m in loaded())
+    assert enc.offload() is True
+    assert not any(m is not None and m.clone_base_uuid == native_clip.patcher.clone_base_uuid for m in loaded())
+    assert any(m is other.patcher for m in loaded())
+    assert enc.offload() is False
+    again = enc.encode([picture(64, 64)], PROMPT, [1], "after_image")     # reloads on demand
+    assert again.layers == [1] and any(m is native_clip.patcher for m in loaded())
+
+
 def test_native_embeds_metadata_and_spans(native, hf_encoder):
     embeds = native.encode([picture(64, 64)], PROMPT, [0, 3], "after_image")
     assert (native.num_layers, native.width) == (4, 256)
@@ -136,6 +283,20 @@ def test_transformers_vl_model_runs_through_model_patcher(hf_tiny_path, hf_encod
     for layer in ref.layers:
         assert torch.equal(got.hidden[layer], ref.hidden[layer])
     assert vl.encoder.model.dtype == torch.float32
+
+
+def test_transformers_vl_model_encode_many_and_offload(hf_tiny_path, hf_encoder):
+    vl = backends.load_transformers_vl(hf_tiny_path, "fp32")
+    images = [picture(64, 96, 30), picture(64, 96, 31)]
+    many = vl.encode_many(images, PROMPT, [1, 3], "after_image")
+    for image, got in zip(images, many):
+        ref = hf_encoder.encode([image], PROMPT, [1, 3], "after_image")
+        for layer in (1, 3):
+            torch.testing.assert_close(got.hidden[layer], ref.hidden[layer], atol=1e-5, rtol=1e-5)
+    assert any(m.model is vl.patcher for m in model_management.current_loaded_models)
+    assert vl.offload() is True
+    assert not any(m.model is vl.patcher for m in model_management.current_loaded_models)
+    assert vl.offload() is False
 
 
 def test_dtype_choice():

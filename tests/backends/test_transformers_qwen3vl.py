@@ -1,4 +1,9 @@
-"""TransformersQwen3VL on a tiny random Qwen3-VL (no ComfyUI needed)."""
+"""TransformersQwen3VL on a tiny random Qwen3-VL (no ComfyUI needed).
+
+Two engines over the same weights: "hf" (the transformers forward stopped by hooks: bit-exact with the
+full forward) and the default fast runner (vl_core.encoders.qwen3vl_runner: its truncated forward is
+bit-exact with its own full forward, and matches the transformers full forward to fp32 rounding).
+"""
 from __future__ import annotations
 
 import json
@@ -37,19 +42,81 @@ def reference(hf_encoder):
     return {placement: full_forward(hf_encoder, images, PROMPT, placement) for placement in extract.PLACEMENTS}
 
 
+SPECS = [[0], [1], [2], [-1], [-2], [0, -2, -1], [1, 3], [0, 1, 2, 3, 4]]
+
+
 @pytest.mark.parametrize("placement", extract.PLACEMENTS)
-@pytest.mark.parametrize("spec", [[0], [1], [2], [-1], [-2], [0, -2, -1], [1, 3], [0, 1, 2, 3, 4]])
-def test_truncated_forward_is_bit_exact(hf_encoder, reference, placement, spec):
+@pytest.mark.parametrize("spec", SPECS)
+def test_truncated_forward_is_bit_exact(hf_exact, reference, placement, spec):
+    """engine "hf": the truncated transformers forward returns the full forward's tensors bit for bit."""
     hidden_ref, _, _ = reference[placement]
-    assert len(hidden_ref) == hf_encoder.num_layers + 1
-    layers = extract.parse_layers(spec, hf_encoder.num_layers)
-    embeds = hf_encoder.encode([picture(64, 96)], PROMPT, layers, placement)
+    assert len(hidden_ref) == hf_exact.num_layers + 1
+    layers = extract.parse_layers(spec, hf_exact.num_layers)
+    embeds = hf_exact.encode([picture(64, 96)], PROMPT, layers, placement)
     assert embeds.layers == layers
     for layer in layers:
         assert torch.equal(embeds.hidden[layer], hidden_ref[layer].float()), f"layer {layer}"
 
 
-def test_forward_stops_at_deepest_layer_and_never_computes_logits(hf_encoder):
+@pytest.fixture(scope="module")
+def fast_full(hf_encoder):
+    """The fast runner's own full forward (every layer requested) per placement."""
+    layers = list(range(hf_encoder.num_layers + 1))
+    return {p: hf_encoder.encode([picture(64, 96)], PROMPT, layers, p) for p in extract.PLACEMENTS}
+
+
+@pytest.mark.parametrize("placement", extract.PLACEMENTS)
+@pytest.mark.parametrize("spec", SPECS)
+def test_fast_truncated_forward_is_bit_exact_and_matches_transformers(hf_encoder, reference, fast_full, placement,
+                                                                       spec):
+    """Fast engine: truncated == its full forward bit for bit; == the transformers full forward to fp32 rounding."""
+    hidden_ref, _, _ = reference[placement]
+    layers = extract.parse_layers(spec, hf_encoder.num_layers)
+    embeds = hf_encoder.encode([picture(64, 96)], PROMPT, layers, placement)
+    assert embeds.layers == layers
+    for layer in layers:
+        assert torch.equal(embeds.hidden[layer], fast_full[placement].hidden[layer]), f"layer {layer}"
+        torch.testing.assert_close(embeds.hidden[layer], hidden_ref[layer].float(), atol=2e-5, rtol=1e-5,
+                                   msg=f"layer {layer}")
+
+
+def test_fast_forward_stops_at_deepest_layer_and_never_touches_lm_head(hf_encoder):
+    """The fast runner reads a module's weights only when it computes with it: record which ones it reads."""
+    runner = hf_encoder.fast_runner()
+    lm = hf_encoder.language_model
+    names = {id(m): n for n, m in hf_encoder.model.named_modules()}
+    seen: list[str] = []
+    inner = runner.weights
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def get(self, m):
+            seen.append(names[id(m)])
+            return inner.get(m)
+
+        def release(self, *a):
+            return inner.release(*a)
+
+    runner.weights = Recorder()
+    try:
+        for layers, ran in [([0], []), ([1], [0]), ([0, 2], [0, 1]), ([3], [0, 1, 2]), ([4], [0, 1, 2, 3])]:
+            seen.clear()
+            hf_encoder.encode([picture(64, 64)], PROMPT, layers, "after_image")
+            decoder = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in seen
+                              if "language_model.layers." in n})
+            assert decoder == ran, layers
+            assert any(n.endswith("language_model.norm") for n in seen) == (layers == [4])
+            assert not any("lm_head" in n for n in seen)
+            assert any("visual.blocks.1." in n for n in seen)      # the vision tower always runs
+    finally:
+        runner.weights = inner
+    assert runner.weights is inner and lm is hf_encoder.language_model
+
+
+def test_forward_stops_at_deepest_layer_and_never_computes_logits(hf_exact):
+    hf_encoder = hf_exact
     lm = hf_encoder.language_model
     hook_counts = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in lm.layers]
     calls: list[str] = []
@@ -68,6 +135,65 @@ def test_forward_stops_at_deepest_layer_and_never_computes_logits(hf_encoder):
         for h in handles:
             h.remove()
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in lm.layers] == hook_counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_engine_in_half_precision_matches_transformers(hf_tiny_path, dtype):
+    """Weights in bf16/fp16: the fast runner computes in the weights' dtype like transformers does; both
+    stay within half-precision rounding of the fp32 reference."""
+    enc = TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=dtype, device="cpu")
+    hf = TransformersQwen3VL(enc.model, enc.tokenizer, engine="hf")
+    ref = TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cpu", engine="hf")
+    images, layers = [picture(64, 96, 4)], [0, 2, 3, 4]
+    a = enc.encode(images, PROMPT, layers, "after_image")
+    b = hf.encode(images, PROMPT, layers, "after_image")
+    r = ref.encode(images, PROMPT, layers, "after_image")
+    for layer in layers:
+        rel = lambda x, y: float((x - y).norm() / y.norm())  # noqa: E731
+        assert rel(a.hidden[layer], r.hidden[layer]) < 2e-2, layer
+        assert rel(b.hidden[layer], r.hidden[layer]) < 2e-2, layer
+        assert rel(a.hidden[layer], b.hidden[layer]) < 2e-2, layer
+
+
+def test_encode_many_matches_single_encodes(hf_encoder, hf_exact):
+    """Same-size images run as one batch; each result equals encoding that image alone."""
+    images = [picture(64, 96, 11), picture(96, 64, 12), picture(64, 96, 13), picture(64, 96, 14), picture(32, 32, 15)]
+    layers = [0, 1, 3, 4]
+    batch = hf_encoder.encode_many(images, PROMPT, layers, "after_image")
+    assert len(batch) == len(images)
+    for im, got in zip(images, batch):
+        alone = hf_encoder.encode([im], PROMPT, layers, "after_image")
+        exact = hf_exact.encode([im], PROMPT, layers, "after_image")
+        assert (got.image_spans, got.prompt_span, got.image_sizes) == (alone.image_spans, alone.prompt_span,
+                                                                       alone.image_sizes)
+        for layer in layers:
+            torch.testing.assert_close(got.hidden[layer], alone.hidden[layer], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.hidden[layer], exact.hidden[layer], atol=2e-5, rtol=1e-5)
+    chunked = hf_encoder.encode_many(images[:4], PROMPT, layers, "after_image", max_batch_tokens=24)  # 1 per chunk
+    for a, b in zip(chunked, batch):
+        for layer in layers:
+            torch.testing.assert_close(a.hidden[layer], b.hidden[layer], atol=1e-5, rtol=1e-5)
+    hf_many = hf_exact.encode_many(images[:2], PROMPT, [2], "before_image")
+    assert [e.num_tokens for e in hf_many] == [hf_exact.encode([im], PROMPT, [2], "before_image").num_tokens
+                                               for im in images[:2]]
+
+
+def test_engine_selection(hf_tiny_path, hf_encoder, caplog):
+    """A config the runner does not implement falls back to the transformers forward (logged), or raises
+    with engine="fast"; engine "hf" never builds a runner."""
+    assert TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, engine="hf").fast_runner() is None
+    with pytest.raises(ValueError, match="engine must be one of"):
+        TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, engine="turbo")
+    odd = TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cpu")
+    odd.model.config.text_config.hidden_act = "gelu"
+    with caplog.at_level("WARNING", logger="comfyui-zimage-vl"):
+        assert odd.fast_runner() is None
+    assert "fast encode does not apply" in caplog.text and "hidden_act" in caplog.text
+    embeds = odd.encode([picture(64, 64)], PROMPT, [1], "after_image")   # still encodes (transformers forward)
+    assert embeds.layers == [1]
+    strict = TransformersQwen3VL(odd.model, odd.tokenizer, engine="fast")
+    with pytest.raises(RuntimeError, match="engine 'fast' does not apply"):
+        strict.encode([picture(64, 64)], PROMPT, [1], "after_image")
 
 
 def test_image_spans_have_one_pad_id_per_token(hf_encoder):
@@ -184,3 +310,39 @@ def test_non_qwen3vl_and_missing_folders_are_refused(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match=r"'empty'.*no config.json"):
         check_qwen3vl_folder(str(empty))
+
+
+def test_runner_outputs_are_owned_and_graphs_stay_off_the_cpu(hf_encoder):
+    """Results are plain float32 tensors the caller owns; CUDA-graph capture never engages on the CPU."""
+    from vl_core.encoders import qwen3vl_runner as qr
+
+    runner = hf_encoder.fast_runner()
+    assert runner.device.type == "cpu" and not runner._graphs_possible()
+    with torch.inference_mode():
+        t = torch.ones(1, 3, 4, dtype=torch.bfloat16)
+    out = qr.to_output(t, "cpu")
+    assert out.dtype == torch.float32 and not out.is_inference() and out.data_ptr() != t.data_ptr()
+    f32 = torch.ones(2, 2)
+    assert qr.to_output(f32, "cpu").data_ptr() != f32.data_ptr()
+    assert qr.normalize_device("cpu") == torch.device("cpu")
+    qr.release_graphs()
+    assert not qr._GRAPHS and not qr._GRAPH_SEEN
+
+
+def test_flops_and_mrope_tables():
+    """encode_flops counts what the runner computes; MRoPE positions follow the Qwen-VL rule."""
+    from vl_core.encoders import qwen3vl_runner as qr
+
+    pos = qr.mrope_positions([1, 2, 9, 9, 9, 9, 9, 9, 3], 9, [(2, 3)])
+    assert pos[:, :2].tolist() == [[0, 1], [0, 1], [0, 1]]
+    assert pos[0, 2:8].tolist() == [2] * 6
+    assert pos[1, 2:8].tolist() == [2, 2, 2, 3, 3, 3] and pos[2, 2:8].tolist() == [2, 3, 4, 2, 3, 4]
+    assert pos[:, 8].tolist() == [5, 5, 5]                # resumes at 2 + max(2, 3)
+    spec = qr.Qwen3VLSpec(patch_size=16, temporal_patch_size=2, merge_size=2, vision_hidden=1024, vision_heads=16,
+                          vision_depth=24, num_grid_per_side=48, deepstack_indexes=(5, 11, 17), num_layers=36,
+                          hidden=2560, heads=32, kv_heads=8, head_dim=128, rope_theta=5e6, mrope_section=(24, 20, 20),
+                          mrope_interleaved=True, rms_eps=1e-6, deepstack_after_record=True)
+    f31 = qr.encode_flops(spec, [(64, 64)], 1047, 31, vision_ffn=4096, text_ffn=9728)
+    f36 = qr.encode_flops(spec, [(64, 64)], 1047, 36, vision_ffn=4096, text_ffn=9728)
+    assert 10.5e12 < f31["total"] < 11.5e12 and f36["text"] / f31["text"] == pytest.approx(36 / 31)
+    assert qr.batch_chunks(5, 4096, 8192) == [(0, 2), (2, 4), (4, 5)]

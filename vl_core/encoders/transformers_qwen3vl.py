@@ -8,12 +8,19 @@ Layer numbering is Hugging Face's `output_hidden_states`: 0 = the decoder's inpu
 features merged in), i in 1..L-1 = the output of decoder layer i-1 as HF records it, L = the final
 normed output. Note HF records layer outputs *before* DeepStack adds the vision features of the first
 len(deepstack_visual_indexes) layers at the image positions (ComfyUI's native encoder records them
-after; see nodes/backends.py). The states returned here are exactly (bit for bit) what the full HF
-forward returns with `output_hidden_states=True`.
+after; see nodes/backends.py).
+
+Two engines:
+- "fast" (default where the model's layout is the known one): vl_core.encoders.qwen3vl_runner runs the
+  HF modules' weights in its own loop: weight dtype, one SDPA call per layer, no host/device syncs,
+  same-size images batched (`encode_many`). Matches the HF forward to float rounding (fp32: ~1e-6).
+- "hf": the HF forward itself, stopped early by hooks; the states are exactly (bit for bit) what the
+  full HF forward returns with `output_hidden_states=True`. Used where the fast engine does not apply.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 
@@ -21,8 +28,12 @@ import torch
 
 from .. import extract, preprocess
 from ..types import VLEmbeds
+from .qwen3vl_runner import Qwen3VLRunner, Qwen3VLSpec, UnsupportedModel, batch_chunks, to_output
+
+log = logging.getLogger("comfyui-zimage-vl")
 
 QWEN3VL_MODEL_TYPE = "qwen3_vl"
+ENGINES = ("auto", "fast", "hf")
 
 
 class _StopForward(Exception):
@@ -95,6 +106,40 @@ def expand_image_pads(raw_ids: Sequence[int], raw_span: tuple[int, int], image_p
     return torch.tensor(expanded, dtype=torch.long), (starts[raw_span[0]], starts[raw_span[1]])
 
 
+def _cfg(config, name, default=None):
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+def spec_from_hf_config(config) -> Qwen3VLSpec:
+    """The runner spec of a transformers Qwen3VLConfig; UnsupportedModel where it differs from Qwen3-VL."""
+    v, t = config.vision_config, config.text_config
+    if _cfg(v, "hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UnsupportedModel(f"vision hidden_act {v.hidden_act!r} (runner implements gelu_pytorch_tanh)")
+    if _cfg(t, "hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"text hidden_act {t.hidden_act!r} (runner implements silu)")
+    rope = dict(_cfg(t, "rope_parameters", None) or _cfg(t, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise UnsupportedModel(f"text rope_type {rope.get('rope_type')!r}")
+    theta = rope.get("rope_theta", _cfg(t, "rope_theta"))
+    if theta is None:
+        raise UnsupportedModel("text config has no rope_theta")
+    vrope = dict(_cfg(v, "rope_parameters", None) or {})
+    heads = int(t.num_attention_heads)
+    return Qwen3VLSpec(
+        patch_size=int(v.patch_size), temporal_patch_size=int(v.temporal_patch_size),
+        merge_size=int(v.spatial_merge_size), vision_hidden=int(v.hidden_size), vision_heads=int(v.num_heads),
+        vision_depth=int(v.depth), num_grid_per_side=int(int(v.num_position_embeddings) ** 0.5),
+        deepstack_indexes=tuple(int(i) for i in _cfg(v, "deepstack_visual_indexes", [])),
+        num_layers=int(t.num_hidden_layers), hidden=int(t.hidden_size), heads=heads,
+        kv_heads=int(_cfg(t, "num_key_value_heads", heads)),
+        head_dim=int(_cfg(t, "head_dim", int(t.hidden_size) // heads)), rope_theta=float(theta),
+        mrope_section=tuple(int(x) for x in rope.get("mrope_section", (24, 20, 20))),
+        mrope_interleaved=True,        # Qwen3VLTextRotaryEmbedding always interleaves
+        rms_eps=float(_cfg(t, "rms_norm_eps", 1e-6)), deepstack_after_record=False,
+        vision_rope_theta=float(vrope.get("rope_theta", 10000.0)))
+
+
 class TransformersQwen3VL:
     """`VLEncoder` over a `transformers` Qwen3VLForConditionalGeneration and its tokenizer.
 
@@ -103,7 +148,15 @@ class TransformersQwen3VL:
     `output_device` (CPU by default).
     """
 
-    def __init__(self, model, tokenizer, source: str = "", output_device: torch.device | str = "cpu"):
+    def __init__(self, model, tokenizer, source: str = "", output_device: torch.device | str = "cpu",
+                 engine: str = "auto", sdpa: str = "auto", graphs: bool = True):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = engine
+        self.sdpa = sdpa
+        self.graphs = graphs          # CUDA graph replay of repeated identical encodes (GPU only)
+        self._runner: Qwen3VLRunner | None = None
+        self._fast_error: str | None = None
         config = model.config
         if getattr(config, "model_type", None) != QWEN3VL_MODEL_TYPE:
             raise ValueError(f"model is not Qwen3-VL (config.model_type {getattr(config, 'model_type', None)!r})")
@@ -126,7 +179,7 @@ class TransformersQwen3VL:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "TransformersQwen3VL":
+                        device: torch.device | str = "cpu", engine: str = "auto") -> "TransformersQwen3VL":
         """Load a local Hugging Face Qwen3-VL folder offline (no remote code, SDPA attention).
 
         dtype None keeps the checkpoint's dtype. Refuses (ValueError) a missing folder or one whose
@@ -148,7 +201,7 @@ class TransformersQwen3VL:
         except OSError as e:
             raise ValueError(f"folder {name!r}: cannot load the Qwen3-VL weights ({e})") from e
         model.to(device)
-        return cls(model, tokenizer, source=name)
+        return cls(model, tokenizer, source=name, engine=engine)
 
     # ------------------------------------------------------------------ helpers
 
@@ -176,6 +229,51 @@ class TransformersQwen3VL:
             raise ValueError(f"the chat text holds {found} {extract.IMAGE_PAD} tokens for {num_images} image(s): "
                              f"remove {extract.IMAGE_PAD} / vision tokens from the prompt")
         return expand_image_pads(raw_ids, raw_span, self.image_pad_id, image_tokens)
+
+    # ------------------------------------------------------------------ fast engine
+
+    def fast_runner(self) -> Qwen3VLRunner | None:
+        """The runner over this model's modules at their current dtype/device; None (reason logged once)
+        where the fast engine does not apply, or raises with engine="fast"."""
+        if self.engine == "hf":
+            return None
+        if self._fast_error is None and self._runner is None:
+            try:
+                spec = spec_from_hf_config(self.model.config)
+                inner = self.model.model
+                runner = Qwen3VLRunner(inner.visual, inner.language_model, spec, torch.float32, "cpu", sdpa=self.sdpa,
+                                       graphs=self.graphs)
+                runner.check()
+                self._runner = runner
+            except (UnsupportedModel, AttributeError) as e:
+                self._fast_error = str(e)
+                log.warning("Qwen3-VL (transformers): fast encode does not apply (%s); using the transformers "
+                            "forward", e)
+        if self._runner is None:
+            if self.engine == "fast":
+                raise RuntimeError(f"engine 'fast' does not apply to this model: {self._fast_error}")
+            return None
+        param = self.model.model.language_model.embed_tokens.weight
+        if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        runner = self._runner
+        if (runner.dtype, runner.device) != (param.dtype, param.device):
+            runner.dtype, runner.device = param.dtype, param.device
+            runner.weights.dtype, runner.weights.device = param.dtype, param.device
+        return runner
+
+    def _check_images(self, images: Sequence[torch.Tensor]) -> None:
+        for k, image in enumerate(images):
+            if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
+                                 f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+            unit = self.patch_size * self.merge_size
+            if image.shape[0] % unit or image.shape[1] % unit:
+                raise ValueError(f"image size {image.shape[1]}×{image.shape[0]} must be a multiple of {unit} px")
+
+    def _image_tokens(self, images: Sequence[torch.Tensor]) -> list[int]:
+        return [(int(im.shape[0]) // self.patch_size) * (int(im.shape[1]) // self.patch_size) // self.merge_size ** 2
+                for im in images]
 
     def _patches(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not images:
@@ -244,16 +342,66 @@ class TransformersQwen3VL:
 
     # ------------------------------------------------------------------ protocol
 
+    def _finish(self, hidden: dict[int, torch.Tensor], input_ids, prompt_span, prompt: str, placement: str,
+                 images: Sequence[torch.Tensor]) -> VLEmbeds:
+        # clone outside inference mode: plain tensors that downstream code may modify in place
+        hidden = {layer: to_output(t, self.output_device) for layer, t in hidden.items()}
+        return extract.build_embeds(
+            hidden, input_ids, self.image_pad_id, prompt_span, sorted(hidden), self.num_layers,
+            placement=placement, source=self.source, prompt=prompt,
+            image_sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images))
+
+    def _check_layers(self, layers: Sequence[int]) -> list[int]:
+        layers = sorted(set(int(layer) for layer in layers))
+        if not layers:
+            raise ValueError("no layers requested")
+        bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are not resolved hidden-state indices in 0..{self.num_layers}")
+        return layers
+
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         images = list(images)
+        runner = self.fast_runner()
+        if runner is not None:
+            self._check_images(images)
+            layers = self._check_layers(layers)
+            input_ids, prompt_span = self.tokenize(prompt, len(images), placement, self._image_tokens(images))
+            hidden = runner.forward(input_ids.tolist(), self.image_pad_id, [im[None] for im in images], layers)
+            return self._finish(hidden, input_ids, prompt_span, prompt, placement, images)
+        return self._encode_hf(images, prompt, layers, placement)
+
+    def encode_many(self, images: Sequence[torch.Tensor], prompt: str, layers: list[int], placement: str,
+                    max_batch_tokens: int = 65536) -> list[VLEmbeds]:
+        """One VLEmbeds per image (each encoded alone with the prompt, as encode([image], ...) would);
+        same-size images run through the vision tower and the LM as one batch (chunks of at most
+        max_batch_tokens vision patches)."""
+        images = list(images)
+        runner = self.fast_runner()
+        if runner is None:
+            return [self._encode_hf([im], prompt, layers, placement) for im in images]
+        self._check_images(images)
+        layers = self._check_layers(layers)
+        results: list[VLEmbeds | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault((int(im.shape[0]), int(im.shape[1])), []).append(i)
+        for (h, w), members in groups.items():
+            input_ids, prompt_span = self.tokenize(prompt, 1, placement, self._image_tokens([images[members[0]]]))
+            patches = (h // self.patch_size) * (w // self.patch_size)
+            for a, b in batch_chunks(len(members), patches, max_batch_tokens):
+                chunk = members[a:b]
+                batch = torch.stack([images[i] for i in chunk])
+                hidden = runner.forward(input_ids.tolist(), self.image_pad_id, [batch], layers)
+                for row, i in enumerate(chunk):
+                    results[i] = self._finish({layer: t[row:row + 1] for layer, t in hidden.items()}, input_ids,
+                                              prompt_span, prompt, placement, [images[i]])
+        return results
+
+    def _encode_hf(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         pixel_values, grid_thw = self._patches(images)
         unit = self.merge_size ** 2
         image_tokens = [] if grid_thw is None else [int(g.prod()) // unit for g in grid_thw]
         input_ids, prompt_span = self.tokenize(prompt, len(images), placement, image_tokens)
         hidden = self.hidden_states(input_ids, pixel_values, grid_thw, layers)
-        # clone outside inference mode: plain tensors that downstream code may modify in place
-        hidden = {layer: t.to(self.output_device, torch.float32).clone() for layer, t in hidden.items()}
-        return extract.build_embeds(
-            hidden, input_ids, self.image_pad_id, prompt_span, sorted(hidden), self.num_layers,
-            placement=placement, source=self.source, prompt=prompt,
-            image_sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images))
+        return self._finish(hidden, input_ids, prompt_span, prompt, placement, images)

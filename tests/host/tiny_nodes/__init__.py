@@ -281,3 +281,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TinyQwen3VLClip": "Tiny Qwen3-VL CLIP (TEST)",
     "TinyVAE": "Tiny 16ch VAE (TEST)",
 }
+
+from . import memory_probe  # noqa: E402,F401  (test-only observer; registers TinyMemoryProbe above)

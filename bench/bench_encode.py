@@ -1,0 +1,533 @@
+"""VL encode latency / peak memory / batch throughput of both backends vs the two baselines, in one run.
+
+Builds a random-init full-size Qwen3-VL-4B (the real config: text 2560 x 36 layers, 32/8 heads of 128,
+FFN 9728; vision 1024 x 24, 16 heads, patch 16, DeepStack [5, 11, 17]) as a transformers
+Qwen3VLForConditionalGeneration in bf16 on the GPU, and ComfyUI's own native Qwen3-VL-4B
+(comfy.sd.CLIP over comfy.text_encoders.qwen3vl) sharing the very same weight tensors, then measures
+through this pack's real code (nodes/backends.py, vl_core):
+
+  native fast        NativeQwen3VLEncoder.encode (ComfyUI's loaded modules through vl_core's runner)
+  transformers fast  TransformersVLModel.encode (ModelPatcher-managed HF model, the runner)
+  transformers hf    TransformersQwen3VL engine "hf" (the HF forward stopped early by hooks)
+  baseline host      ComfyUI's own encode (clip.tokenize(..., images=[img]) + encode_from_tokens)
+  baseline hf full   the common transformers way: full forward, output_hidden_states=True, logits
+
+at 512², 1024², 1536² (layer -6, one image, the style-reference prompt), each with the compute roofline
+(matmul + attention FLOPs of what the fast path computes / the bf16 matmul rate measured in this run).
+Then images/s for a batch of 16 different 1024² references (encode_many vs looping the baselines),
+the vision-tower share and SDPA back-ends, and (--profile) where the transformers path spends its time.
+
+Run (GPU):   python bench/bench_encode.py --out $OUT/encode.json
+Smoke (CPU): python bench/bench_encode.py --tiny --device cpu
+ComfyUI comes from --comfy, $COMFYUI_PATH, ./.comfy_host (a git-ignored copy carried to the GPU
+machine) or $HOME/ComfyUI, in that order.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PKG = "zimage_vl_bench_pack"
+PROMPT = "Describe the style, colours, lighting and composition of this image."
+
+FULL_TEXT = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                 rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
+                                  "mrope_interleaved": True})
+FULL_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                   temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2560, in_channels=3,
+                   deepstack_visual_indexes=[5, 11, 17], num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh")
+TINY_TEXT = dict(FULL_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
+                 num_key_value_heads=1)
+TINY_VISION = dict(FULL_VISION, depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256,
+                   deepstack_visual_indexes=[0, 1])
+SPECIALS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+            "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+
+
+# ------------------------------------------------------------------------------------------------ host
+
+def find_comfy(explicit: str | None) -> Path:
+    for cand in (explicit, os.environ.get("COMFYUI_PATH"), REPO_ROOT / ".comfy_host", Path.home() / "ComfyUI"):
+        if cand and (Path(cand) / "comfy" / "model_patcher.py").is_file():
+            return Path(cand)
+    sys.exit("no ComfyUI found: pass --comfy, set COMFYUI_PATH or copy the host into ./.comfy_host")
+
+
+def stub_missing_av() -> None:
+    """PyAV is only needed by ComfyUI's video types; a permissive stub lets comfy_api import without it."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        class _Meta(type):
+            def __getattr__(cls, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return cls
+
+        class _Any(metaclass=_Meta):
+            def __init__(self, *a, **k):
+                pass
+
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return _Any
+
+            def __call__(self, *a, **k):
+                return _Any()
+
+        def _getattr(name):
+            if name.startswith("__"):      # module dunders (__file__, __path__, ...): inspect walks sys.modules
+                raise AttributeError(name)
+            return _Any
+
+        for name in ("av", "av.container", "av.video", "av.video.frame", "av.video.reformatter", "av.audio",
+                     "av.audio.frame", "av.subtitles", "av.subtitles.stream", "av.logging"):
+            mod = types.ModuleType(name)
+            mod.__getattr__ = _getattr
+            mod.__version__ = "0.0.0-stub"
+            sys.modules[name] = mod
+
+
+def stub_missing_kitchen() -> None:
+    """comfy-kitchen (fp8/fp4 kernels, a 40 MB wheel) is optional in ComfyUI except for one unconditional
+    import (comfy/ldm/joyimage/model.py); an empty module satisfies it, and quant_ops then reports it absent."""
+    try:
+        import comfy_kitchen  # noqa: F401
+    except ImportError:
+        sys.modules["comfy_kitchen"] = types.ModuleType("comfy_kitchen")
+
+
+def import_host(comfy_root: Path, cpu: bool, reserve_vram_gb: float | None = None):
+    if str(comfy_root) not in sys.path:
+        sys.path.append(str(comfy_root))
+    stub_missing_av()
+    stub_missing_kitchen()
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    comfy.cli_args.args.disable_dynamic_vram = True   # the legacy ModelPatcher, as without comfy-aimdo's init
+    if reserve_vram_gb is not None:
+        comfy.cli_args.args.reserve_vram = reserve_vram_gb
+    import comfy.model_management  # noqa: F401
+
+
+def import_pack(module: str):
+    """Import <repo>/<module> with the repo root as package PKG (the nodes use relative imports)."""
+    if PKG not in sys.modules:
+        pkg = types.ModuleType(PKG)
+        pkg.__path__ = [str(REPO_ROOT)]
+        sys.modules[PKG] = pkg
+    return importlib.import_module(f"{PKG}.{module}")
+
+
+def tokenizer_dir(comfy_root: Path) -> Path:
+    return comfy_root / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def build_hf(comfy_root: Path, tiny: bool, device, dtype, seed: int = 0):
+    """Random-init Qwen3VLForConditionalGeneration (real config unless tiny) on `device` + the Qwen tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(comfy_root)), local_files_only=True)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIALS.items()}
+    config = Qwen3VLConfig(text_config=dict(TINY_TEXT if tiny else FULL_TEXT),
+                           vision_config=dict(TINY_VISION if tiny else FULL_VISION), tie_word_embeddings=True, **ids)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    with torch.no_grad():   # norms 1, everything else N(0, 0.02) (HF's own init; re-done to be sure on any version)
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif p.ndim >= 2:
+                p.normal_(0.0, 0.02)
+            else:
+                p.zero_()
+    return model, tok
+
+
+def build_native_clip(hf_model, tiny: bool, device, dtype):
+    """ComfyUI's native Qwen3-VL CLIP whose parameters ARE the HF model's tensors (ComfyUI key names)."""
+    import torch
+    import comfy.sd
+    import comfy.text_encoders.qwen3vl as qwen3vl
+    import comfy.utils
+
+    if tiny:
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        import tiny_models
+
+        model_type = tiny_models._tiny_native_model_type(TINY_TEXT["hidden_size"], TINY_TEXT["num_hidden_layers"])
+    else:
+        model_type = "qwen3vl_4b"
+    width = hf_model.config.text_config.hidden_size
+    base_tokenizer = qwen3vl.tokenizer(model_type=model_type)
+
+    class Tokenizer(base_tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
+            getattr(self, self.clip).embedding_size = width
+
+    target = types.SimpleNamespace(params={}, clip=qwen3vl.te(dtype_llama=dtype, model_type=model_type),
+                                   tokenizer=Tokenizer)
+    cpu = torch.device("cpu")
+    clip = comfy.sd.CLIP(target, state_dict=[], model_options={"dtype": dtype, "load_device": device,
+                                                                "offload_device": cpu, "initial_device": cpu})
+    inner = getattr(clip.cond_stage_model, clip.cond_stage_model.clip)
+    transformer = inner.transformer
+    hf = dict(hf_model.named_parameters())
+    shared = 0
+    for name, _ in list(transformer.named_parameters()):
+        src = ("model.language_model." + name[len("model."):]) if name.startswith("model.") else "model." + name
+        comfy.utils.set_attr_param(transformer, name, hf[src])
+        shared += 1
+    for name, buf in list(transformer.named_buffers()):
+        comfy.utils.set_attr_buffer(transformer, name, buf.to(device))
+    return clip, shared
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, reps: int, warmup: int = 2) -> dict:
+    """Median wall time (ms) of fn() (each call synchronised) and the peak memory allocated during it."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    out = {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        out["resident_gib"] = base / 2 ** 30
+    return out
+
+
+def matmul_peak(device, n: int = 8192, reps: int = 10) -> float:
+    import torch
+
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--comfy", default=None)
+    ap.add_argument("--sizes", default="512,1024,1536")
+    ap.add_argument("--layer", type=int, default=None, help="hidden layer (default -6; tiny: -2)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--host-reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch-size-px", type=int, default=1024)
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the transformers paths")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    comfy_root = find_comfy(args.comfy)
+    import_host(comfy_root, cpu=args.device == "cpu")
+    import torch
+    import comfy.model_management as mm
+
+    backends = import_pack("nodes.backends")
+    tq = import_pack("vl_core.encoders.transformers_qwen3vl")
+    runner_mod = import_pack("vl_core.encoders.qwen3vl_runner")
+    extract = import_pack("vl_core.extract")
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = mm.get_torch_device()      # cuda:N, as ComfyUI names it (torch.device("cuda") != "cuda:0")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict = {"sizes": {}, "batch": {}, "checks": {}}
+    t0 = time.perf_counter()
+    hf_model, tok = build_hf(comfy_root, args.tiny, device, dtype)
+    clip, shared = build_native_clip(hf_model, args.tiny, device, dtype)
+    n_params = sum(p.numel() for p in hf_model.parameters())
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": importlib.import_module("transformers").__version__,
+            "dtype": str(dtype), "params": n_params, "shared_tensors": shared, "comfy": str(comfy_root),
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None}
+    print(f"models built in {time.perf_counter() - t0:.1f}s: {info}", flush=True)
+    peak = matmul_peak(device)
+    info["matmul_tflops"] = peak / 1e12
+    print(f"bf16 8192^3 matmul: {peak / 1e12:.0f} TFLOP/s", flush=True)
+    results["info"] = info
+
+    native = backends.NativeQwen3VLEncoder(clip)
+    native_eager = backends.NativeQwen3VLEncoder(clip, graphs=False)
+    host = backends.NativeQwen3VLEncoder(clip, engine="host")
+    tr_enc = tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B")
+    tr = backends.TransformersVLModel(tr_enc, load_device=device, offload_device=torch.device("cpu"))
+    tr_eager = backends.TransformersVLModel(tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B",
+                                                                   graphs=False),
+                                            load_device=device, offload_device=torch.device("cpu"))
+    tr_hf = tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B", engine="hf")
+    tr_hf.output_device = mm.intermediate_device()
+    L = native.num_layers
+    layer = extract.resolve_layer(args.layer if args.layer is not None else (-2 if args.tiny else -6), L)
+    print(f"layer {layer - L - 1} (= hidden_states[{layer}]) of {L}", flush=True)
+    spec = native._spec if hasattr(native, "_spec") else None
+
+    def hf_full(image):
+        """The common transformers way: full forward, every hidden state, logits."""
+        grids = [tq.preprocess.to_patches(image)[1]]
+        pv = tq.preprocess.to_patches(image)[0]
+        counts = [int(g.prod()) // 4 for g in grids]
+        ids, _ = tr_hf.tokenize(PROMPT, 1, "after_image", counts)
+        kw = dict(input_ids=ids[None].to(device), pixel_values=pv.to(device), image_grid_thw=torch.cat(grids).to(device),
+                  output_hidden_states=True, use_cache=False)
+        with torch.inference_mode():
+            try:
+                out = hf_model(**kw, mm_token_type_ids=(ids == tr_hf.image_pad_id)[None].int().to(device))
+            except TypeError:
+                out = hf_model(**kw)
+            return out.hidden_states[layer].float().cpu(), out.logits.shape
+
+    g = torch.Generator().manual_seed(1234)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.tiny:
+        sizes = [min(s, 128) for s in sizes]
+
+    methods = {
+        "native fast": lambda im: native.encode([im], PROMPT, [layer], "after_image"),
+        "native fast eager": lambda im: native_eager.encode([im], PROMPT, [layer], "after_image"),
+        "transformers fast": lambda im: tr.encode([im], PROMPT, [layer], "after_image"),
+        "transformers fast eager": lambda im: tr_eager.encode([im], PROMPT, [layer], "after_image"),
+        "transformers hf": lambda im: tr_hf.encode([im], PROMPT, [layer], "after_image"),
+        "baseline host": lambda im: host.encode([im], PROMPT, [layer], "after_image"),
+        "baseline hf full": hf_full,
+    }
+    if "latency" not in skip:
+        for size in sizes:
+            image = torch.rand(size, size, 3, generator=g)
+            row = {}
+            outs = {}
+            for name, fn in methods.items():
+                reps = args.host_reps if name == "baseline host" else args.reps
+                try:
+                    row[name] = measure(lambda: fn(image), device, reps)
+                    outs[name] = fn(image)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    row[name] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{size}² {name:<18} {row[name]}", flush=True)
+            assert native.last_path == "fast", "native fast path fell back to the host encoder"
+            emb = outs.get("native fast")
+            n_tokens = emb.num_tokens if emb is not None else 0
+            spec = native._spec
+            grid = [(size // spec.patch_size, size // spec.patch_size)]
+            fl = runner_mod.encode_flops(spec, grid, n_tokens, layer, vision_ffn=hf_model.config.vision_config.intermediate_size,
+                                         text_ffn=hf_model.config.text_config.intermediate_size)
+            fl_full = runner_mod.encode_flops(spec, grid, n_tokens, L, vision_ffn=hf_model.config.vision_config.intermediate_size,
+                                              text_ffn=hf_model.config.text_config.intermediate_size)
+            lm_head = 2 * n_tokens * spec.hidden * hf_model.config.text_config.vocab_size
+            row["tokens"] = n_tokens
+            row["flops"] = fl
+            row["roofline_ms"] = 1e3 * fl["total"] / peak if peak == peak else None
+            row["roofline_full_ms"] = 1e3 * (fl_full["total"] + lm_head) / peak if peak == peak else None
+            if "native fast" in outs and "baseline host" in outs and "error" not in row["baseline host"]:
+                row["rel_native_fast_vs_host"] = rel(outs["native fast"].hidden[layer], outs["baseline host"].hidden[layer])
+            if "transformers fast" in outs and "transformers hf" in outs:
+                row["rel_tr_fast_vs_hf"] = rel(outs["transformers fast"].hidden[layer], outs["transformers hf"].hidden[layer])
+            if "baseline hf full" in outs and "transformers hf" in outs:
+                row["rel_hf_engine_vs_full"] = rel(outs["transformers hf"].hidden[layer], outs["baseline hf full"][0])
+            results["sizes"][size] = row
+            print(f"{size}²: {n_tokens} tokens, roofline {row['roofline_ms']} ms; checks "
+                  f"{ {k: v for k, v in row.items() if k.startswith('rel_')} }", flush=True)
+
+    if "breakdown" not in skip and (device.type == "cuda" or args.tiny):
+        size = 1024 if not args.tiny else 128
+        image = torch.rand(size, size, 3, generator=g)
+        runner = native._fast_runner(1, 1, [(size, size)])
+        bd = {}
+        x = image.to(device)[None]
+        for mode in runner_mod.SDPA_MODES[:4]:
+            runner.sdpa = mode
+
+            def vision_only():
+                with torch.inference_mode(), runner_mod._sdpa_context(mode, device):
+                    runner.vision(x)
+            try:
+                bd[f"vision sdpa={mode}"] = measure(vision_only, device, args.reps)
+                bd[f"native encode sdpa={mode}"] = measure(
+                    lambda: native.encode([image], PROMPT, [layer], "after_image"), device, args.reps)
+            except Exception as e:  # noqa: BLE001
+                bd[f"sdpa={mode}"] = {"error": f"{type(e).__name__}: {e}"}
+        runner.sdpa = "auto"
+        emb = native.encode([image], PROMPT, [layer], "after_image")
+        ids = emb.extra.get("input_ids") if emb.extra else None
+        before, text, after = extract.chat_pieces(PROMPT, 1, "after_image")
+        ids, _ = tq.expand_image_pads(*tq.tokenize_chat(tok, before, text, after), native.image_pad_id,
+                                      [emb.num_image_tokens])
+        ids = ids.tolist()
+        for graphs in (True, False):
+            runner.graphs = graphs
+            bd[f"runner.forward only, graphs={graphs}"] = measure(
+                lambda: runner.forward(ids, native.image_pad_id, [x], [layer]), device, args.reps)
+        runner.graphs = True
+        pv, grid = tq.preprocess.to_patches(image)
+
+        def hf_visual():
+            with torch.inference_mode():
+                hf_model.model.visual(pv.to(device, dtype), grid_thw=grid.to(device))
+        try:
+            bd["hf visual (transformers sdpa)"] = measure(hf_visual, device, args.reps)
+        except Exception as e:  # noqa: BLE001
+            bd["hf visual (transformers sdpa)"] = {"error": f"{type(e).__name__}: {e}"}
+        for k, v in bd.items():
+            print(f"breakdown {size}² {k:<28} {v}", flush=True)
+        results["breakdown"] = bd
+
+    if "batch" not in skip:
+        size = args.batch_size_px if not args.tiny else 64
+        images = [torch.rand(size, size, 3, generator=g) for _ in range(args.batch)]
+        n = len(images)
+
+        def loop(fn):
+            return lambda: [fn(im) for im in images]
+
+        batch_methods = {
+            "native fast encode_many": lambda: native.encode_many(images, PROMPT, [layer], "after_image"),
+            "native fast encode_many eager": lambda: native_eager.encode_many(images, PROMPT, [layer], "after_image"),
+            "transformers fast encode_many": lambda: tr.encode_many(images, PROMPT, [layer], "after_image"),
+            "transformers fast encode_many eager": lambda: tr_eager.encode_many(images, PROMPT, [layer],
+                                                                                 "after_image"),
+            "native fast loop": loop(methods["native fast"]),
+            "baseline host loop": loop(methods["baseline host"]),
+            "baseline hf full loop": loop(methods["baseline hf full"]),
+        }
+        for name, fn in batch_methods.items():
+            reps = 1 if "host" in name else 3
+            try:
+                r = measure(fn, device, reps, warmup=0 if "host" in name else 1)
+                r["images_per_s"] = n / (r["ms"] / 1e3)
+            except Exception as e:  # noqa: BLE001
+                r = {"error": f"{type(e).__name__}: {e}"}
+            results["batch"][name] = r
+            print(f"batch {n}x{size}² {name:<30} {r}", flush=True)
+        many = native.encode_many(images[:4], PROMPT, [layer], "after_image")
+        single = [native.encode([im], PROMPT, [layer], "after_image") for im in images[:4]]
+        results["checks"]["encode_many_vs_single_max_rel"] = max(rel(a.hidden[layer], b.hidden[layer])
+                                                                 for a, b in zip(many, single))
+        print(f"encode_many vs single: max rel {results['checks']['encode_many_vs_single_max_rel']:.2e}", flush=True)
+
+    if args.profile:
+        results["profile"] = profile(device, {"transformers hf (HF forward + hooks)": methods["transformers hf"],
+                                              "native fast eager": methods["native fast eager"],
+                                              "native fast (graph replay)": methods["native fast"]},
+                                     torch.rand(1024 if not args.tiny else 64, 1024 if not args.tiny else 64, 3,
+                                                generator=g))
+
+    summary(results, layer - L - 1)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def profile(device, fns: dict, image) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    out = {}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, fn in fns.items():
+        fn(image)
+        sync(device)
+        with tprofile(activities=acts) as prof:
+            fn(image)
+            sync(device)
+        ka = prof.key_averages()
+        sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::item",
+                      "aten::_local_scalar_dense", "cudaMemcpy", "cudaEventSynchronize")
+        syncs = {e.key: e.count for e in ka if e.key in sync_names}
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n===== profile: {name} (1024², one encode) =====\n"
+              f"sync / copy events: {syncs}", flush=True)
+        print(ka.table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60), flush=True)
+        out[name] = {"syncs": syncs}
+    return out
+
+
+def summary(results: dict, layer_neg: int) -> None:
+    info = results["info"]
+    print(f"\n==== VL encode, layer {layer_neg}, {info['device']}, torch {info['torch']}, transformers "
+          f"{info['transformers']}, {info['dtype']}, matmul {info['matmul_tflops']:.0f} TFLOP/s ====")
+    names = ["native fast", "native fast eager", "transformers fast", "transformers fast eager", "transformers hf",
+             "baseline host", "baseline hf full"]
+    print(f"{'size':>6} {'tokens':>6} {'roofline':>9} " + " ".join(f"{n:>18}" for n in names))
+    for size, row in results["sizes"].items():
+        cells = []
+        for n in names:
+            r = row.get(n, {})
+            cells.append(f"{r['ms']:>8.1f}ms {r.get('peak_gib', float('nan')):>5.1f}G" if "ms" in r else f"{'err':>18}")
+        roof = row.get("roofline_ms")
+        print(f"{size:>6} {row.get('tokens', 0):>6} {'-' if roof is None else f'{roof:.1f}ms':>9} " + " ".join(cells))
+        base_h, base_f = row.get("baseline host", {}).get("ms"), row.get("baseline hf full", {}).get("ms")
+        for n in ("native fast", "native fast eager", "transformers fast", "transformers fast eager"):
+            ms = row.get(n, {}).get("ms")
+            if ms and base_h and base_f:
+                print(f"{'':>6} {n}: x{base_h / ms:.1f} vs host, x{base_f / ms:.1f} vs hf full, "
+                      f"{ms / roof if roof else float('nan'):.2f}x roofline")
+    if results["batch"]:
+        print("batch:")
+        for n, r in results["batch"].items():
+            print(f"  {n:<32} {r.get('images_per_s', float('nan')):>8.1f} img/s  peak {r.get('peak_gib', float('nan')):.1f} GiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
