@@ -302,6 +302,8 @@ def main(argv=None):
     ap.add_argument("--comfy", default=None)
     ap.add_argument("--card-gb", type=float, default=None, help="make ComfyUI treat the GPU as one of N GiB")
     ap.add_argument("--skip-isolated", action="store_true", help="skip the per-stage isolated runs")
+    ap.add_argument("--offload", choices=("both", "off", "on"), default="both",
+                    help="which offload_after_encode settings to run the workflow with")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -343,7 +345,7 @@ def main(argv=None):
         iso[name] = wf.run(True, stages=(name,), state=st)["stages"][name]
         print(f"isolated {name:<12} {iso[name]}", flush=True)
     results["isolated"] = iso
-    for offload in (False, True):
+    for offload in {"both": (False, True), "off": (False,), "on": (True,)}[args.offload]:
         unload_all(device)
         for run in ("cold", "warm"):
             r = wf.run(offload)
