@@ -64,16 +64,39 @@ def ref_images_dir() -> Path:
     return shared_dir() / "ref_images"
 
 
-def ref_image_path(name: str = "test_scene.png") -> Path:
-    """A reference image from ../shared/ref_images (relative to the repo); skips when missing."""
+def ref_image_path(name: str = "test_scene.png", fallback_dir: Path | None = None) -> Path:
+    """A reference image from ../shared/ref_images (relative to the repo).
+
+    Outside this workspace (a plain clone has no ../shared) a deterministic synthetic picture of the
+    same name is written to ``fallback_dir`` (default: a temp folder) so demos and tests still run.
+    """
     p = ref_images_dir() / name
-    if not p.is_file():
-        message = f"reference image {p} missing (../shared/ref_images relative to the repo)"
-        if "pytest" in sys.modules:
-            import pytest
-            pytest.skip(message)
-        raise FileNotFoundError(message)
-    return p
+    if p.is_file():
+        return p
+    import tempfile
+
+    folder = Path(fallback_dir or tempfile.mkdtemp(prefix="zimage_vl_ref_"))
+    return synthetic_reference(folder / name)
+
+
+def synthetic_reference(path: Path, size: int = 512) -> Path:
+    """A colourful test picture (gradient sky, sun, hills, a house) saved as PNG at ``path``."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(img)
+    for y in range(size):
+        t = y / size
+        draw.line([(0, y), (size, y)], fill=(int(90 + 120 * t), int(150 + 60 * t), int(235 - 80 * t)))
+    s = size / 512
+    draw.ellipse([380 * s, 50 * s, 460 * s, 130 * s], fill=(255, 215, 70))
+    draw.polygon([(0, 380 * s), (170 * s, 250 * s), (360 * s, 390 * s), (512 * s, 300 * s), (512 * s, 512 * s),
+                  (0, 512 * s)], fill=(70, 150, 80))
+    draw.rectangle([150 * s, 300 * s, 270 * s, 410 * s], fill=(200, 70, 60))
+    draw.polygon([(140 * s, 300 * s), (210 * s, 240 * s), (280 * s, 300 * s)], fill=(110, 60, 40))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
 
 
 def load_api_workflow(name: str) -> dict:
@@ -345,7 +368,7 @@ class ComfyServer:
 
     def stage_ref_image(self, name: str = "test_scene.png", size: int | None = 128, dest_name: str | None = None) -> str:
         """Copy a reference image into the input dir (optionally resized square) and return its name."""
-        src = ref_image_path(name)
+        src = ref_image_path(name, fallback_dir=self.work / "ref_images")
         dest_name = dest_name or (f"{Path(name).stem}_{size}.png" if size else name)
         dest = self.input_dir / dest_name
         if not dest.exists():
