@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
 
 import torch
 
@@ -35,7 +34,7 @@ import comfy.model_management as model_management
 import comfy.model_patcher
 
 from ..vl_core import extract
-from ..vl_core.encoders.qwen3vl_runner import (Qwen3VLRunner, Qwen3VLSpec, UnsupportedModel, batch_chunks,
+from ..vl_core.encoders.qwen3vl_runner import (DirectWeights, Qwen3VLRunner, Qwen3VLSpec, UnsupportedModel, batch_chunks,
                                                normalize_device, release_graphs, to_output)
 from ..vl_core.encoders.transformers_qwen3vl import (TransformersQwen3VL, check_qwen3vl_folder, expand_image_pads,
                                                     tokenize_chat)
@@ -78,17 +77,6 @@ CLIPLOADER_TYPES_NOT_PLAIN_QWEN3VL_4B = ("flux2", "krea2", "mage")
 NOT_QWEN3VL_HINT = ("load qwen3vl_4b with CLIPLoader type 'lumina2' or 'stable_diffusion' (any type except "
                     + ", ".join(repr(t) for t in CLIPLOADER_TYPES_NOT_PLAIN_QWEN3VL_4B)
                     + ", which load it as a different encoder), or use Load Qwen3-VL (transformers)")
-
-
-def _check_layers(layers: Sequence[int], num_layers: int) -> list[int]:
-    layers = sorted({int(layer) for layer in layers})
-    if not layers:
-        raise ValueError("no layers requested")
-    bad = [layer for layer in layers if not 0 <= layer <= num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are not resolved hidden-state indices in 0..{num_layers} "
-                         "(resolve negative indices with vl_core.extract.resolve_layer)")
-    return layers
 
 
 def _comfy_class_name(obj) -> str:
@@ -225,7 +213,7 @@ class NativeQwen3VLEncoder:
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         images = list(images)
-        layers = _check_layers(layers, self.num_layers)
+        layers = extract.check_resolved_layers(layers, self.num_layers)
         before, text, after, full = self._chat(prompt, len(images), placement)
         counts, sizes = self._sizes(images)
         input_ids, prompt_span = self._layout(before, text, after, full, images, counts)
@@ -239,7 +227,7 @@ class NativeQwen3VLEncoder:
                     max_batch_tokens: int = 65536) -> list[VLEmbeds]:
         """One VLEmbeds per image (= encode([image], ...)); same-size images batched through one forward."""
         images = list(images)
-        layers = _check_layers(layers, self.num_layers)
+        layers = extract.check_resolved_layers(layers, self.num_layers)
         before, text, after, full = self._chat(prompt, 1, placement)
         results: list[VLEmbeds | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -449,7 +437,7 @@ def spec_from_comfy(transformer) -> Qwen3VLSpec:
         deepstack_after_record=True)
 
 
-class ComfyWeights:
+class ComfyWeights(DirectWeights):
     """Runner weight source over ComfyUI's loaded modules: the module's own tensors where ComfyUI left them
     resident on the device as plain tensors; otherwise ComfyUI's own per-call cast
     (`comfy.ops.cast_bias_weight` / `uncast_bias_weight`, what the module's forward would call) for the
@@ -458,8 +446,7 @@ class ComfyWeights:
     graph_safe = True       # the runner may capture a CUDA graph unless a module needed ComfyUI's cast (used_cast)
 
     def __init__(self, dtype: torch.dtype, device):
-        self.dtype = dtype
-        self.device = normalize_device(device)
+        super().__init__(dtype, device)
         self._direct: dict[int, bool] = {}
         self.used_cast = False
 
@@ -477,16 +464,9 @@ class ComfyWeights:
             self._direct[key] = hit
         return hit
 
-    def _fit(self, t):
-        if t is None:
-            return None
-        if t.dtype != self.dtype or t.device != self.device:
-            t = t.to(self.device, self.dtype, non_blocking=True)
-        return t
-
     def get(self, m):
         if self._is_direct(m):
-            return self._fit(m.weight), self._fit(getattr(m, "bias", None)), None
+            return super().get(m)
         import comfy.ops
 
         self.used_cast = True

@@ -56,6 +56,18 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return resolved
 
 
+def check_resolved_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Sorted unique layers, each already resolved into [0, num_layers] (see resolve_layer)."""
+    layers = sorted({int(layer) for layer in layers})
+    if not layers:
+        raise ValueError("no layers requested")
+    bad = [layer for layer in layers if not 0 <= layer <= num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are not resolved hidden-state indices in 0..{num_layers} "
+                         "(resolve negative indices with vl_core.extract.resolve_layer)")
+    return layers
+
+
 def parse_layers(spec: str | int | Sequence[int], num_layers: int) -> list[int]:
     """Parse "-6" / "-6,-2" / [-6, -2] into sorted unique resolved layer indices."""
     if isinstance(spec, str):

@@ -291,12 +291,7 @@ class TransformersQwen3VL:
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                       grid_thw: torch.Tensor | None, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """{layer: [1, N, D]} for the requested resolved layers, running the LM no deeper than needed."""
-        layers = sorted(set(int(layer) for layer in layers))
-        if not layers:
-            raise ValueError("no layers requested")
-        bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} are not resolved hidden-state indices in 0..{self.num_layers}")
+        layers = extract.check_resolved_layers(layers, self.num_layers)
         deepest, wanted, L = layers[-1], set(layers), self.num_layers
         decoder_layers = self.language_model.layers
         captured: dict[int, torch.Tensor] = {}
@@ -351,21 +346,12 @@ class TransformersQwen3VL:
             placement=placement, source=self.source, prompt=prompt,
             image_sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images))
 
-    def _check_layers(self, layers: Sequence[int]) -> list[int]:
-        layers = sorted(set(int(layer) for layer in layers))
-        if not layers:
-            raise ValueError("no layers requested")
-        bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} are not resolved hidden-state indices in 0..{self.num_layers}")
-        return layers
-
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         images = list(images)
         runner = self.fast_runner()
         if runner is not None:
             self._check_images(images)
-            layers = self._check_layers(layers)
+            layers = extract.check_resolved_layers(layers, self.num_layers)
             input_ids, prompt_span = self.tokenize(prompt, len(images), placement, self._image_tokens(images))
             hidden = runner.forward(input_ids.tolist(), self.image_pad_id, [im[None] for im in images], layers)
             return self._finish(hidden, input_ids, prompt_span, prompt, placement, images)
@@ -381,7 +367,7 @@ class TransformersQwen3VL:
         if runner is None:
             return [self._encode_hf([im], prompt, layers, placement) for im in images]
         self._check_images(images)
-        layers = self._check_layers(layers)
+        layers = extract.check_resolved_layers(layers, self.num_layers)
         results: list[VLEmbeds | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
