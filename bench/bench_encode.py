@@ -27,15 +27,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PKG = "zimage_vl_bench_pack"
+from common import REPO_ROOT, find_comfy, import_host, import_pack, native_qwen3vl_target  # noqa: F401
 PROMPT = "Describe the style, colours, lighting and composition of this image."
 
 FULL_TEXT = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -55,84 +52,6 @@ SPECIALS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"
 
 
 # ------------------------------------------------------------------------------------------------ host
-
-def find_comfy(explicit: str | None) -> Path:
-    for cand in (explicit, os.environ.get("COMFYUI_PATH"), REPO_ROOT / ".comfy_host", Path.home() / "ComfyUI"):
-        if cand and (Path(cand) / "comfy" / "model_patcher.py").is_file():
-            return Path(cand)
-    sys.exit("no ComfyUI found: pass --comfy, set COMFYUI_PATH or copy the host into ./.comfy_host")
-
-
-def stub_missing_av() -> None:
-    """PyAV is only needed by ComfyUI's video types; a permissive stub lets comfy_api import without it."""
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        class _Meta(type):
-            def __getattr__(cls, name):
-                if name.startswith("__"):
-                    raise AttributeError(name)
-                return cls
-
-        class _Any(metaclass=_Meta):
-            def __init__(self, *a, **k):
-                pass
-
-            def __getattr__(self, name):
-                if name.startswith("__"):
-                    raise AttributeError(name)
-                return _Any
-
-            def __call__(self, *a, **k):
-                return _Any()
-
-        def _getattr(name):
-            if name.startswith("__"):      # module dunders (__file__, __path__, ...): inspect walks sys.modules
-                raise AttributeError(name)
-            return _Any
-
-        for name in ("av", "av.container", "av.video", "av.video.frame", "av.video.reformatter", "av.audio",
-                     "av.audio.frame", "av.subtitles", "av.subtitles.stream", "av.logging"):
-            mod = types.ModuleType(name)
-            mod.__getattr__ = _getattr
-            mod.__version__ = "0.0.0-stub"
-            sys.modules[name] = mod
-
-
-def stub_missing_kitchen() -> None:
-    """comfy-kitchen (fp8/fp4 kernels, a 40 MB wheel) is optional in ComfyUI except for one unconditional
-    import (comfy/ldm/joyimage/model.py); an empty module satisfies it, and quant_ops then reports it absent."""
-    try:
-        import comfy_kitchen  # noqa: F401
-    except ImportError:
-        sys.modules["comfy_kitchen"] = types.ModuleType("comfy_kitchen")
-
-
-def import_host(comfy_root: Path, cpu: bool, reserve_vram_gb: float | None = None):
-    if str(comfy_root) not in sys.path:
-        sys.path.append(str(comfy_root))
-    stub_missing_av()
-    stub_missing_kitchen()
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu
-    comfy.cli_args.args.disable_dynamic_vram = True   # the legacy ModelPatcher, as without comfy-aimdo's init
-    if reserve_vram_gb is not None:
-        comfy.cli_args.args.reserve_vram = reserve_vram_gb
-    import comfy.model_management  # noqa: F401
-
-
-def import_pack(module: str):
-    """Import <repo>/<module> with the repo root as package PKG (the nodes use relative imports)."""
-    if PKG not in sys.modules:
-        pkg = types.ModuleType(PKG)
-        pkg.__path__ = [str(REPO_ROOT)]
-        sys.modules[PKG] = pkg
-    return importlib.import_module(f"{PKG}.{module}")
-
 
 def tokenizer_dir(comfy_root: Path) -> Path:
     return comfy_root / "comfy" / "text_encoders" / "qwen25_tokenizer"
@@ -168,7 +87,6 @@ def build_native_clip(hf_model, tiny: bool, device, dtype):
     """ComfyUI's native Qwen3-VL CLIP whose parameters ARE the HF model's tensors (ComfyUI key names)."""
     import torch
     import comfy.sd
-    import comfy.text_encoders.qwen3vl as qwen3vl
     import comfy.utils
 
     if tiny:
@@ -179,15 +97,7 @@ def build_native_clip(hf_model, tiny: bool, device, dtype):
     else:
         model_type = "qwen3vl_4b"
     width = hf_model.config.text_config.hidden_size
-    base_tokenizer = qwen3vl.tokenizer(model_type=model_type)
-
-    class Tokenizer(base_tokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
-            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
-            getattr(self, self.clip).embedding_size = width
-
-    target = types.SimpleNamespace(params={}, clip=qwen3vl.te(dtype_llama=dtype, model_type=model_type),
-                                   tokenizer=Tokenizer)
+    target = native_qwen3vl_target(model_type, width, dtype)
     cpu = torch.device("cpu")
     clip = comfy.sd.CLIP(target, state_dict=[], model_options={"dtype": dtype, "load_device": device,
                                                                 "offload_device": cpu, "initial_device": cpu})

@@ -25,105 +25,21 @@ machine) or $HOME/ComfyUI, in that order.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PKG = "zimage_vl_pack"
+from common import ZIMAGE_CONFIG, find_comfy, import_host, import_pack
 
-FULL = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
-        "n_layers": 30, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
-        "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
-        "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+FULL = ZIMAGE_CONFIG
 TINY = dict(FULL, dim=256, n_layers=4, n_heads=2, n_kv_heads=2, cap_feat_dim=256)
 
 
-def find_comfy(explicit: str | None) -> Path:
-    for cand in (explicit, os.environ.get("COMFYUI_PATH"), REPO_ROOT / ".comfy_host", Path.home() / "ComfyUI"):
-        if cand and (Path(cand) / "comfy" / "model_patcher.py").is_file():
-            return Path(cand)
-    sys.exit("no ComfyUI found: pass --comfy, set COMFYUI_PATH or copy the host into ./.comfy_host")
-
-
-def stub_missing_av() -> None:
-    """PyAV is only needed by ComfyUI's video types; without it, any `av[.x.y]` import yields a permissive stub."""
-    try:
-        import av  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import importlib.abc
-    import importlib.machinery
-
-    class _AnyMeta(type):
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _Any
-
-    class _Any(metaclass=_AnyMeta):  # any attribute, any call, usable as a base class
-        def __init__(self, *a, **k):
-            pass
-
-        def __call__(self, *a, **k):
-            return _Any()
-
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _Any
-
-    def _getattr(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Any
-
-    class _AvStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "av" or fullname.startswith("av."):
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            mod = types.ModuleType(spec.name)
-            mod.__path__ = []
-            mod.__getattr__ = _getattr
-            return mod
-
-        def exec_module(self, module):
-            pass
-
-    sys.modules.pop("av", None)
-    sys.meta_path.insert(0, _AvStub())
-
-
-def import_host(comfy_root: Path, cpu: bool):
-    sys.path.append(str(comfy_root))
-    stub_missing_av()
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu
-    comfy.cli_args.args.disable_dynamic_vram = True  # a plain ModelPatcher over weights already on the GPU
-    import comfy.model_management  # noqa: F401
-
-
 def import_injection():
-    for name, path in ((PKG, REPO_ROOT), (PKG + ".nodes", REPO_ROOT / "nodes")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(path)]
-            sys.modules[name] = mod
-    return importlib.import_module(PKG + ".nodes.injection"), importlib.import_module(PKG + ".vl_core.types")
+    return import_pack("nodes.injection", bare=("nodes",)), import_pack("vl_core.types")
 
 
 def build_model(cfg: dict, device, dtype, seed: int = 0):

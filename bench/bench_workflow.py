@@ -31,8 +31,9 @@ import json
 import math
 import sys
 import time
-import types
 from pathlib import Path
+
+import common
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("zimage_vl_bench_encode", HERE / "bench_encode.py")
@@ -41,10 +42,7 @@ _spec.loader.exec_module(be)
 
 PROMPT = "a lighthouse on a rocky cliff above a stormy sea at dusk, warm light in the windows, seagulls, dramatic clouds"
 VL_PROMPT = "Describe the style, colours, lighting and composition of this image."
-ZIMAGE = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
-          "n_layers": 30, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
-          "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
-          "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+ZIMAGE = common.ZIMAGE_CONFIG
 TINY_ZIMAGE = dict(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256)
 STAGES = ("text_encode", "vl_encode", "blend", "sample", "decode")
 
@@ -108,26 +106,16 @@ def build_text_encoder(tiny: bool, device, dtype):
 
 
 def build_vl(tiny: bool, device, dtype):
-    import comfy.text_encoders.qwen3vl as qwen3vl
 
     if tiny:
-        sys.path.insert(0, str(be.REPO_ROOT / "tests"))
+        sys.path.insert(0, str(common.REPO_ROOT / "tests"))
         import tiny_models
 
         model_type = tiny_models._tiny_native_model_type(256, 8)
     else:
         model_type = "qwen3vl_4b"
     width = 256 if tiny else 2560
-    base_tokenizer = qwen3vl.tokenizer(model_type=model_type)
-
-    class Tokenizer(base_tokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
-            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
-            getattr(self, self.clip).embedding_size = width
-
-    target = types.SimpleNamespace(params={}, clip=qwen3vl.te(dtype_llama=dtype, model_type=model_type),
-                                   tokenizer=Tokenizer)
-    return build_clip(target, device, dtype, 2)
+    return build_clip(common.native_qwen3vl_target(model_type, width, dtype), device, dtype, 2)
 
 
 def build_vae(device):
@@ -163,8 +151,8 @@ class Workflow:
         self.vae = build_vae(device)
         self.build_s = time.perf_counter() - t0
         self.model = self.aura_shift(self.dit, 3.0)
-        self.encode_node = be.import_pack("nodes.encode").VLEncode
-        self.blend_node = be.import_pack("nodes.blend").EmbeddingBlend
+        self.encode_node = common.import_pack("nodes.encode").VLEncode
+        self.blend_node = common.import_pack("nodes.blend").EmbeddingBlend
         g = torch.Generator().manual_seed(7)
         side = 128 if tiny else 1024
         self.image = torch.rand(1, side, side, 3, generator=g)
@@ -313,8 +301,8 @@ def main(argv=None):
 
         total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
         reserve = max(0.0, total - args.card_gb)
-    comfy_root = be.find_comfy(args.comfy)
-    be.import_host(comfy_root, cpu=args.device == "cpu", reserve_vram_gb=reserve)
+    comfy_root = common.find_comfy(args.comfy)
+    common.import_host(comfy_root, cpu=args.device == "cpu", reserve_vram_gb=reserve)
     import torch
     import comfy.model_management as mm
 
