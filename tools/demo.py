@@ -52,7 +52,7 @@ def run_without_host(out: Path, image: str) -> None:
     from PIL import Image
 
     from tests import tiny_models
-    from vl_core import extract, plot, preprocess, stats
+    from vl_core import extract, plot, preprocess
     from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
 
     print("demo: no ComfyUI host (set COMFYUI_PATH): encoding with a tiny transformers Qwen3-VL only; "
@@ -65,13 +65,9 @@ def run_without_host(out: Path, image: str) -> None:
         picture = preprocess.resize_image(picture, preprocess.plan_size(*picture.shape[:2], 256, "fit_budget"))
         vl = encoder.encode([picture], "Describe the style of this image.",
                             extract.parse_layers("-6", encoder.num_layers), "after_image")
-    image_mask = vl.image_mask()
-    ratio = stats.std_ratio(stats.dim_stats(vl.tokens(), image_mask), stats.dim_stats(vl.tokens(), ~image_mask))
-    outliers = stats.find_outliers(ratio, 10.0)
-    lines = extract.token_accounting(vl) + stats.outlier_report(ratio, outliers).splitlines()
-    figure = plot.ratio_figure(ratio, outliers, 10.0, "std ratio per dim: VL image tokens / VL text tokens", lines)
+    figure, report = plot.inspect_embeds(vl, 10.0)
     Image.fromarray((figure.numpy() * 255).round().astype("uint8")).save(out / "demo_inspect.png")
-    print("\n".join(lines))
+    print(report)
     print(f"demo: wrote {out / 'demo_inspect.png'}")
 
 

@@ -50,3 +50,30 @@ def ratio_figure(ratio: torch.Tensor, outliers: torch.Tensor, threshold: float, 
     for i, line in enumerate(lines):  # the bitmap default font has no "×"
         draw.text((right + 20, top + 16 * i), line.replace("×", "x"), fill=AXIS, font=font)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
+def inspect_embeds(vl, threshold: float, reference: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """(figure [H, W, 3], report) for VL Inspect: r_d = σ_d(VL image tokens) / σ_d(reference), outliers two-sided.
+
+    reference: text tokens [B, N, D] (e.g. the Z-Image conditioning); default = the pass's own non-image tokens.
+    """
+    from . import extract, stats
+    from .checks import require_width
+
+    tokens = vl.tokens()
+    image = vl.image_mask()
+    subject = stats.dim_stats(tokens, image if bool(image.any()) else None)
+    if reference is not None:
+        require_width("conditioning", reference.shape[-1], "vl_embeds", vl.width)
+        ref_stats, ref_name = stats.dim_stats(reference), "text conditioning"
+    elif bool(image.any()) and not bool(image.all()):
+        ref_stats, ref_name = stats.dim_stats(tokens, ~image), "VL non-image tokens"
+    else:
+        raise ValueError("vl_embeds holds only one kind of token (token_mode image or text), so there is no "
+                         "reference: connect a text conditioning, or encode with token_mode 'full'")
+    ratio = stats.std_ratio(subject, ref_stats)
+    outliers = stats.find_outliers(ratio, threshold)
+    what = "image tokens" if bool(image.any()) else f"{vl.token_mode} tokens"
+    title = f"std ratio per dim: VL {what} / {ref_name}"
+    lines = extract.token_accounting(vl) + stats.outlier_report(ratio, outliers).splitlines()
+    return ratio_figure(ratio, outliers, threshold, title, lines), "\n".join([title, *lines])
