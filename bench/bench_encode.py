@@ -90,8 +90,8 @@ def build_native_clip(hf_model, tiny: bool, device, dtype):
     import comfy.utils
 
     if tiny:
-        sys.path.insert(0, str(REPO_ROOT / "tests"))
-        import tiny_models
+        sys.path.insert(0, str(REPO_ROOT))
+        from tools import tiny_models
 
         model_type = tiny_models._tiny_native_model_type(TINY_TEXT["hidden_size"], TINY_TEXT["num_hidden_layers"])
     else:

@@ -108,8 +108,8 @@ def build_text_encoder(tiny: bool, device, dtype):
 def build_vl(tiny: bool, device, dtype):
 
     if tiny:
-        sys.path.insert(0, str(common.REPO_ROOT / "tests"))
-        import tiny_models
+        sys.path.insert(0, str(common.REPO_ROOT))
+        from tools import tiny_models
 
         model_type = tiny_models._tiny_native_model_type(256, 8)
     else:

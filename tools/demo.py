@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.host import harness
+from tools import host_harness as harness
 
 WORKFLOW = "zimage_vl_style_reference"
 
@@ -51,7 +51,7 @@ def run_without_host(out: Path, image: str) -> None:
     import torch
     from PIL import Image
 
-    from tests import tiny_models
+    from tools import tiny_models
     from vl_core import extract, plot, preprocess
     from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
 

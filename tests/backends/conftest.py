@@ -16,7 +16,7 @@ for p in (REPO_ROOT, TESTS_DIR):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import tiny_models  # noqa: E402
+from tools import tiny_models  # noqa: E402
 
 HOST = tiny_models.comfy_path()
 NATIVE_MODULES = ["test_native_qwen3vl.py"]

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-import tiny_models
+from tools import tiny_models
 
 backends = tiny_models.import_pack("nodes.backends")
 extract = tiny_models.import_pack("vl_core.extract")

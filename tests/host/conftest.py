@@ -3,7 +3,7 @@
 The server comes from ``COMFYUI_PATH`` (default ``$HOME/ComfyUI`` when it exists) and runs with
 the interpreter running pytest, ``--cpu``, a free port and throw-away base/input/output/user/temp
 directories.  Its ``custom_nodes`` folder holds two symlinks: ``comfyui-zimage-vl`` (this repo)
-and ``zimage_vl_tiny_nodes`` (tests/host/tiny_nodes, the test-only tiny model builders).
+and ``zimage_vl_tiny_nodes`` (tools/tiny_nodes, the tiny model builders shared with the demo).
 
 Without a host every test under tests/host is skipped with one loud line; the rest of the suite
 still runs.
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.host.harness import HERE, HOST_SKIP_REASON, ComfyServer, comfyui_path
+from tools.host_harness import HOST_SKIP_REASON, ComfyServer, comfyui_path
+
+HOST_TESTS_DIR = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------- pytest hooks
 
@@ -26,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
     # only the tests that need the server; the workflow-file checks run everywhere
     marker = pytest.mark.skip(reason=HOST_SKIP_REASON)
     for item in items:
-        if "comfy_server" in getattr(item, "fixturenames", ()) and Path(str(item.fspath)).resolve().is_relative_to(HERE):
+        if "comfy_server" in getattr(item, "fixturenames", ()) and Path(str(item.fspath)).resolve().is_relative_to(HOST_TESTS_DIR):
             item.add_marker(marker)
 
 

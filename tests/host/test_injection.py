@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.host.harness import (
+from tools.host_harness import (
     add_node,
     load_api_workflow,
     node_of,

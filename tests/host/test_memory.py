@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from tests.host.harness import add_node, load_api_workflow, node_of, set_image, set_inputs, swap_loaders_for_tiny
+from tools.host_harness import add_node, load_api_workflow, node_of, set_image, set_inputs, swap_loaders_for_tiny
 
 STYLE = "zimage_vl_style_reference"
 

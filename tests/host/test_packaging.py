@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.host.harness import REPO_ROOT, comfyui_path
+from tools.host_harness import REPO_ROOT, comfyui_path
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.host.harness import (
+from tools.host_harness import (
     add_node,
     api_workflow_names,
     load_api_workflow,

@@ -3,9 +3,9 @@
 Both use the real Qwen3 vocabulary (ComfyUI ships it in comfy/text_encoders/qwen25_tokenizer) and the
 real Qwen3-VL-4B architecture at toy width/depth, so the backends can be compared weight for weight.
 
-Import from a test (tests/ is put on sys.path by the conftests):
+Shipped with the pack (the demo uses them) and imported by the tests:
 
-    from tiny_models import comfy_path, prepare_comfy, make_hf_tiny_qwen3vl, make_native_tiny_qwen3vl_clip
+    from tools.tiny_models import comfy_path, prepare_comfy, make_hf_tiny_qwen3vl, make_native_tiny_qwen3vl_clip
 """
 from __future__ import annotations
 

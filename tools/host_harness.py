@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent.parent
+REPO_ROOT = HERE.parent
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_WORKFLOWS_DIR = WORKFLOWS_DIR / "api"
 TINY_NODES_DIR = HERE / "tiny_nodes"
@@ -186,17 +186,17 @@ class ComfyServer:
     def _make_tiny_hf_folder(self):
         """A tiny transformers Qwen3-VL folder under models/text_encoders, made before boot.
 
-        Built in a child interpreter (tests/tiny_models.make_hf_tiny_qwen3vl) so the pytest
+        Built in a child interpreter (tools/tiny_models.make_hf_tiny_qwen3vl) so the pytest
         process never imports torch/comfy; a failure only skips the transformers-path test.
         """
         target = self.models_dir / "text_encoders" / TINY_HF_FOLDER
         code = ("import sys, importlib.util\n"
                 "sys.path.insert(0, sys.argv[1]); sys.path.append(sys.argv[2])\n"
-                "spec = importlib.util.spec_from_file_location('zimage_vl_tests_tiny_models', sys.argv[1] + '/tests/tiny_models.py')\n"
+                "spec = importlib.util.spec_from_file_location('zimage_vl_tests_tiny_models', sys.argv[1] + '/tools/tiny_models.py')\n"
                 "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; spec.loader.exec_module(m)\n"
                 "m.make_hf_tiny_qwen3vl(sys.argv[3], hidden_size=256, seed=0, num_layers=8)\n")
-        if not (REPO_ROOT / "tests" / "tiny_models.py").is_file():
-            self.tiny_hf_error = "tests/tiny_models.py does not exist yet"
+        if not (REPO_ROOT / "tools" / "tiny_models.py").is_file():
+            self.tiny_hf_error = "tools/tiny_models.py does not exist yet"
             return
         try:
             r = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(self.comfy_root), str(target)],

@@ -9,7 +9,7 @@ generator so that two builds with the same seed are bit-identical.
 Nodes:
   TinyZImageModel       -> MODEL  (comfy.supported_models.ZImage, dim 256, 2 layers)
   TinyZImageTextEncoder -> CLIP   (ZImageTokenizer + Qwen3_4BModel, hidden 256, 4 layers)
-  TinyQwen3VLClip       -> CLIP   (tests/tiny_models.make_native_tiny_qwen3vl_clip)
+  TinyQwen3VLClip       -> CLIP   (tools/tiny_models.make_native_tiny_qwen3vl_clip)
   TinyVAE               -> VAE    (comfy.sd.VAE from a tiny 16-channel Flux-layout state dict)
 """
 
@@ -29,7 +29,7 @@ import comfy.supported_models_base
 import comfy.text_encoders.z_image
 
 _HERE = os.path.dirname(os.path.realpath(__file__))
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
+REPO_ROOT = os.path.dirname(os.path.dirname(_HERE))
 
 CATEGORY = "testing/zimage_vl_tiny"
 
@@ -136,16 +136,16 @@ def build_tiny_zimage_text_encoder(seed: int = 0, hidden_size: int = 256):
 
 
 def _tiny_models_module():
-    """tests/tiny_models.py loaded by path (ComfyUI has its own ``tests`` package on sys.path)."""
+    """tools/tiny_models.py loaded by path (ComfyUI has its own ``tests`` package on sys.path)."""
     import importlib.util
     name = "zimage_vl_tests_tiny_models"
     if name in sys.modules:
         return sys.modules[name]
     if REPO_ROOT not in sys.path:
         sys.path.append(REPO_ROOT)  # for the repo's own packages (vl_core); appended, never shadowing ComfyUI
-    path = os.path.join(REPO_ROOT, "tests", "tiny_models.py")
+    path = os.path.join(REPO_ROOT, "tools", "tiny_models.py")
     if not os.path.isfile(path):
-        raise RuntimeError(f"tests/tiny_models.py not found under {REPO_ROOT}: the tiny Qwen3-VL builders are missing")
+        raise RuntimeError(f"tools/tiny_models.py not found under {REPO_ROOT}: the tiny Qwen3-VL builders are missing")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
