@@ -1,0 +1,21 @@
+"""The pack's ComfyExtension: every node class, and the model folders registered on load."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import backends
+from .blend import AdaIN, EmbeddingBlend, StyleDelta
+from .encode import LoadQwen3VL, VLEncode
+from .injection import DiTInjection
+from .inspect import VLInspect
+from .io import LoadVLEmbeds, SaveVLEmbeds, register_folder
+
+
+class ZImageVLExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folder()
+        backends.register_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
+                DiTInjection]
