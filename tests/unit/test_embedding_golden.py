@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from tools.tiny_models import comfy_path, import_pack, prepare_comfy
+from vl_core import techniques
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "embedding_golden.safetensors"
 WIDTH = 12
@@ -110,12 +111,45 @@ def assert_outputs_match(i: int, kind: str, settings: dict, out: list, tensors: 
             assert torch.equal(options["attention_mask"], tensors[f"mask.{i}.{j}"])
 
 
+def like(vl: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """nodes.common.vl_tokens_like on a bare tensor: float32, a batch-1 encoding expanded to the text batch."""
+    return vl.float().expand(text.shape[0], -1, -1)
+
+
+RECIPES = {  # node kind → (text, recorded inputs, settings) → the recipe's output, called as the node calls it
+    "blend": lambda text, t, s: techniques.embedding_blend(text, like(t["vl"], text), s["alpha"], s["mode"],
+                                                            s["length"], s["normalize"], s["token_budget"]),
+    "style_delta": lambda text, t, s: techniques.embedding_style_delta(
+        text, like(t["vl_style"], text), like(t["vl_neutral"], text), s["strength"], s["normalize"], s["length"]),
+    "adain": lambda text, t, s: techniques.embedding_adain(text, like(t["vl"], text), s["mode"], s["weight"],
+                                                           s["length"]),
+}
+
+
+def test_recipes_reproduce_the_recorded_outputs():
+    t, cases_, _, tensors = recorded()
+    for i, (kind, settings) in enumerate(cases_):
+        for j, (text, _) in enumerate(conditioning(t)):
+            got, want = RECIPES[kind](text, t, settings), tensors[f"out.{i}.{j}"]
+            assert bits_equal(got, want), (kind, settings, j)
+
+
+def test_recorded_outputs_are_not_trivial():
+    """The fixture would pin nothing if the outputs were the inputs: most cases must change the text."""
+    t, cases_, _, tensors = recorded()
+    kept = {i for i, (_, s) in enumerate(cases_) if 0.0 in (s.get("alpha"), s.get("strength"), s.get("weight"))}
+    assert len(kept) == 14  # the alpha/strength/weight-0 cases return the text exactly ...
+    for i in range(len(cases_)):  # ... and only they
+        assert bits_equal(tensors[f"out.{i}.0"], t["text_a"]) == (i in kept)
+        assert bits_equal(tensors[f"out.{i}.1"], t["text_b"]) == (i in kept)
+
+
 @pytest.fixture(scope="module")
 def pack():
     if comfy_path() is None:
         pytest.skip("no ComfyUI host: the nodes' recorded outputs were not checked (vl_core's were)")
     prepare_comfy()
-    return import_pack("nodes.blend"), import_pack("nodes.inspect").VLInspect, import_pack("vl_core.types").VLEmbeds
+    return import_pack("nodes.blend"), import_pack("nodes.inspector").VLInspect, import_pack("vl_core.types").VLEmbeds
 
 
 def test_embedding_nodes_reproduce_the_recorded_outputs(pack):
@@ -138,7 +172,7 @@ def test_inspect_node_reproduces_the_recorded_reports_and_draws_an_image(pack):
 def main() -> None:
     prepare_comfy()
     blend_nodes = import_pack("nodes.blend")
-    inspect_node = import_pack("nodes.inspect").VLInspect
+    inspect_node = import_pack("nodes.inspector").VLInspect
     vl_embeds_cls = import_pack("vl_core.types").VLEmbeds
     t = inputs()
     tensors = {f"in.{k}": v for k, v in t.items()}
