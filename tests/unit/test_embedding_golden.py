@@ -2,8 +2,8 @@
 
 tests/data/embedding_golden.safetensors holds fixed inputs, the settings of 158 node runs (Embedding Blend
 over every mode × length × normalize, Style Delta, AdaIN) and their outputs, plus VL Inspect's reports.
-They were written by the nodes as they stood BEFORE the one-recipe-per-technique refactor (commit
-"Golden outputs of the embedding-level nodes"), so these tests pin today's numbers. Regenerate only for a
+They were written by the nodes as they stood BEFORE the one-recipe-per-technique refactor (commit bd52693,
+"Golden outputs of the embedding-level nodes ..."), so these tests pin those numbers. Regenerate only for a
 deliberate change of a technique's numbers, never to make a failing test pass:
 
     ~/.cache/comfyui-zimage-vl/venv/bin/python -m tests.unit.test_embedding_golden --write
@@ -155,7 +155,7 @@ def pack():
 def test_embedding_nodes_reproduce_the_recorded_outputs(pack):
     blend_nodes, _, vl_embeds_cls = pack
     t, cases_, _, tensors = recorded()
-    assert len(cases_) == 158
+    assert cases_ == [[kind, settings] for kind, settings in cases()]  # the fixture is what cases() describes
     for i, (kind, settings) in enumerate(cases_):
         assert_outputs_match(i, kind, settings, run_node(blend_nodes, kind, settings, t, vl_embeds_cls), tensors)
 
