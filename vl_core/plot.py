@@ -11,9 +11,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+try:  # a missing matplotlib must not stop the pack loading: only the figures need it, and they say so
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    MATPLOTLIB_MISSING: ImportError | None = None
+except ImportError as e:
+    MATPLOTLIB_MISSING = e
 
 DOT, OUTLIER, BAND, AXIS = "#466ec8", "#dc2828", "#ebebeb", "#3c3c3c"
 OUTLIER_RGB = (220, 40, 40)  # OUTLIER as 0..255, for pixel checks
@@ -24,6 +29,10 @@ PANEL_CHARS = 62        # report lines beside the inspector plot wrap at this wi
 
 def new_figure(size: tuple[int, int] = (800, 500)) -> Figure:
     """An Agg-backed figure of exactly size = (width, height) pixels."""
+    if MATPLOTLIB_MISSING is not None:
+        raise ImportError("the pack's plots need matplotlib, which this Python lacks: run `python -m pip install "
+                          "-r custom_nodes/comfyui-zimage-vl/requirements.txt` with ComfyUI's Python, then restart "
+                          f"({MATPLOTLIB_MISSING})") from MATPLOTLIB_MISSING
     width, height = size
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)

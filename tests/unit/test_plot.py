@@ -122,3 +122,9 @@ def test_inspect_embeds_reports_against_text_tokens_and_checks_width():
     assert "text conditioning" in report
     with pytest.raises(ValueError, match="width 32 does not match vl_embeds width 64"):
         plot.inspect_embeds(vl, 10.0, reference=torch.randn(1, 5, 32))
+
+
+def test_without_matplotlib_a_figure_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(plot, "MATPLOTLIB_MISSING", ImportError("No module named 'matplotlib'"))
+    with pytest.raises(ImportError, match=r"need matplotlib.*pip install -r custom_nodes/comfyui-zimage-vl/"):
+        plot.line_plot({"a": [1.0, 2.0]})
