@@ -7,7 +7,7 @@ from . import backends
 from .blend import AdaIN, EmbeddingBlend, StyleDelta
 from .encode import LoadQwen3VL, VLEncode
 from .injection import DiTInjection
-from .inspect import VLInspect
+from .inspector import VLInspect
 from .io import LoadVLEmbeds, SaveVLEmbeds, register_folder
 
 
