@@ -30,9 +30,12 @@ class FormatError(ValueError):
     """A file that does not follow the VL embeddings format (names the file and the field)."""
 
 
-def _fail(label: str, field: str, rule: str) -> FormatError:
-    return FormatError(f"{label}: field {field!r} {rule}; the file is not valid VL embeddings — re-save it "
-                       "with 'Save VL Embeddings'")
+class FieldError(FormatError):
+    """One field breaks the format (the caller adds what to do: re-save, or re-encode)."""
+
+
+def _fail(label: str, field: str, rule: str) -> FieldError:
+    return FieldError(f"{label}: field {field!r} {rule}")
 
 
 def _int(label: str, field: str, v, lo: int | None = None, hi: int | None = None) -> int:
@@ -180,6 +183,8 @@ def read_embeds(path: str, label: str | None = None) -> VLEmbeds:
             keys, shape = check_tensor_specs(specs, label)
             fields = check_metadata(meta, keys, shape, label)
             hidden = {layer: f.get_tensor(key) for layer, key in keys.items()}
+    except FieldError as e:
+        raise FormatError(f"{e}; the file is not valid VL embeddings — re-save it with 'Save VL Embeddings'") from None
     except FormatError:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers and buffers
@@ -188,14 +193,21 @@ def read_embeds(path: str, label: str | None = None) -> VLEmbeds:
     for layer, t in hidden.items():
         bad = int((~torch.isfinite(t)).sum())
         if bad:
-            raise _fail(label, f"tensor {keys[layer]}", f"contains {bad} NaN/Inf values (of {t.numel()}); the "
-                                                        "tensor is corrupt — re-encode")
+            raise FormatError(f"{label}: field 'tensor {keys[layer]}' contains {bad} NaN/Inf values (of "
+                              f"{t.numel()}); the tensor is corrupt — re-encode and save again")
     del fields["layers"]
     return VLEmbeds(hidden=hidden, **fields)
 
 
 def check_writable(vl: VLEmbeds, label: str) -> None:
     """Refuse, before writing, embeddings that would not load back (same rules as read_embeds)."""
+    try:
+        _check_writable(vl, label)
+    except FieldError as e:
+        raise ValueError(f"cannot save {e}: these embeddings would not load back; check the upstream node") from None
+
+
+def _check_writable(vl: VLEmbeds, label: str) -> None:
     specs = {f"{HIDDEN_PREFIX}{layer}": (next((k for k, d in FLOAT_DTYPES.items() if d == t.dtype), str(t.dtype)),
                                          list(t.shape)) for layer, t in vl.hidden.items()}
     keys, shape = check_tensor_specs(specs, label)
