@@ -27,7 +27,7 @@ HIDDEN_PREFIX = "hidden."
 
 
 class FormatError(ValueError):
-    """A file that does not follow the VL embeddings format (names the file and the field)."""
+    """Internal: a refusal whose message is complete; read_embeds re-raises it as a plain ValueError."""
 
 
 class FieldError(FormatError):
@@ -167,7 +167,7 @@ def check_tensor_specs(specs: dict[str, tuple[str, list]], label: str) -> tuple[
 
 
 def read_embeds(path: str, label: str | None = None) -> VLEmbeds:
-    """Load a VL embeddings file, validating every field before use; FormatError (a ValueError) otherwise.
+    """Load a VL embeddings file, validating every field before use; a ValueError naming file and field otherwise.
 
     Headers, dtypes and shapes are checked before any tensor is read; values must be finite.
     """
@@ -184,16 +184,16 @@ def read_embeds(path: str, label: str | None = None) -> VLEmbeds:
             fields = check_metadata(meta, keys, shape, label)
             hidden = {layer: f.get_tensor(key) for layer, key in keys.items()}
     except FieldError as e:
-        raise FormatError(f"{e}; the file is not valid VL embeddings — re-save it with 'Save VL Embeddings'") from None
-    except FormatError:
-        raise
+        raise ValueError(f"{e}; the file is not valid VL embeddings — re-save it with 'Save VL Embeddings'") from None
+    except FormatError as e:
+        raise ValueError(str(e)) from None
     except Exception as e:  # safetensors raises its own error types for corrupt headers and buffers
-        raise FormatError(f"cannot read {label} as safetensors VL embeddings ({str(e)[:200]}); the file is corrupt "
+        raise ValueError(f"cannot read {label} as safetensors VL embeddings ({str(e)[:200]}); the file is corrupt "
                           "or not a safetensors file (pickles are never loaded)") from e
     for layer, t in hidden.items():
         bad = int((~torch.isfinite(t)).sum())
         if bad:
-            raise FormatError(f"{label}: field 'tensor {keys[layer]}' contains {bad} NaN/Inf values (of "
+            raise ValueError(f"{label}: field 'tensor {keys[layer]}' contains {bad} NaN/Inf values (of "
                               f"{t.numel()}); the tensor is corrupt — re-encode and save again")
     del fields["layers"]
     return VLEmbeds(hidden=hidden, **fields)
@@ -203,7 +203,7 @@ def check_writable(vl: VLEmbeds, label: str) -> None:
     """Refuse, before writing, embeddings that would not load back (same rules as read_embeds)."""
     try:
         _check_writable(vl, label)
-    except FieldError as e:
+    except FormatError as e:
         raise ValueError(f"cannot save {e}: these embeddings would not load back; check the upstream node") from None
 
 
