@@ -19,7 +19,6 @@ METADATA_KEY = "vl_embeds"
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 MAX_METADATA_CHARS = 1_000_000
 MAX_STRING_CHARS = {"source": 4096, "prompt": 100_000}
-MAX_EXTRA_CHARS = 200_000
 MAX_LAYERS = 1024
 MAX_SPANS = 4096
 MAX_IMAGE_SIDE = 1 << 20
@@ -129,8 +128,6 @@ def check_metadata(meta: dict, tensor_layers, shape: tuple, label: str) -> dict:
     extra = meta.get("extra", {})
     if not isinstance(extra, dict):
         raise _fail(label, "extra", f"must be a JSON object, got {type(extra).__name__}")
-    if len(json.dumps(extra)) > MAX_EXTRA_CHARS:
-        raise _fail(label, "extra", f"is larger than {MAX_EXTRA_CHARS} characters")
     return dict(image_spans=tuple(spans), prompt_span=(ps, pe), num_layers=num_layers, layers=layers,
                 placement=_choice(label, "placement", meta["placement"], PLACEMENTS), token_mode=token_mode,
                 source=_str(label, "source", meta["source"], MAX_STRING_CHARS["source"]),
@@ -176,7 +173,8 @@ def read_embeds(path: str, label: str | None = None) -> VLEmbeds:
     label = label or path
     try:
         if os.path.getsize(path) == 0:
-            raise FormatError(f"{label} is empty: a save was interrupted before it finished; save it again")
+            raise FormatError(f"{label} is empty: its save is still running or was interrupted; wait, or save "
+                              "it again")
         with safe_open(path, framework="pt") as f:
             meta = parse_metadata((f.metadata() or {}).get(METADATA_KEY), label)
             specs = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}

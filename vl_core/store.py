@@ -122,11 +122,15 @@ def resolve_file(roots: Iterable[str], name, extension: str, input_name: str = "
             continue
         if not _inside(root, path):
             raise _refuse(input_name, name, f"points outside the folder {root} (symlink); use a file inside it")
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise _refuse(input_name, name, f"cannot be opened ({e.strerror}; a broken link?)") from None
         if not stat.S_ISREG(st.st_mode):
             raise _refuse(input_name, name, "is not a regular file")
         if st.st_size == 0:
-            raise _refuse(input_name, name, "is empty: a save was interrupted before it finished; save it again")
+            raise _refuse(input_name, name, "is empty: its save is still running or was interrupted; wait, or "
+                                            "save it again")
         return os.path.realpath(path)
     raise _refuse(input_name, name, f"not found inside {' or '.join(roots) or 'the folder'}")
 
@@ -141,8 +145,10 @@ def list_files(roots: Iterable[str], extension: str, *, clean: bool = True) -> l
             continue
         if clean:
             clean_stale(root)
+        seen = {os.path.realpath(root)}  # a symlinked folder is walked once (no loops)
         for folder, dirs, files in os.walk(root, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _inside(root, os.path.join(folder, d)))
+            dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and _inside(root, os.path.join(folder, d))
+                       and _first_visit(seen, os.path.join(folder, d))]
             for f in files:
                 path = os.path.join(folder, f)
                 if f.startswith(".") or not f.endswith(extension) or not _inside(root, path):
@@ -154,6 +160,14 @@ def list_files(roots: Iterable[str], extension: str, *, clean: bool = True) -> l
                 if stat.S_ISREG(st.st_mode) and st.st_size > 0:
                     found.add(os.path.relpath(path, root).replace(os.sep, "/"))
     return sorted(found)
+
+
+def _first_visit(seen: set, path: str) -> bool:
+    real = os.path.realpath(path)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -276,7 +290,11 @@ def save_numbered(root: str, prefix, extension: str, write: Callable[[str], None
         parts = parts + [default_stem]
     root = os.path.abspath(root)
     folder = _check_folder_chain(root, parts[:-1], input_name, prefix)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise _refuse(input_name, prefix, f"its folder cannot be created ({e.strerror}); check the name and the "
+                                          f"permissions of {root}") from None
     if not _inside(root, os.path.join(folder, "x")):
         raise _refuse(input_name, prefix, f"resolves outside {root}")
     clean_stale(folder)

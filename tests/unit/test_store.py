@@ -166,3 +166,17 @@ def test_resolve_finds_the_file_in_the_first_root_that_has_it(tmp_path):
     a.mkdir(), b.mkdir()
     (b / "x.safetensors").write_bytes(b"x")
     assert store.resolve_file([str(a), str(b)], "x.safetensors", EXT) == str((b / "x.safetensors").resolve())
+
+
+def test_listing_walks_a_symlink_loop_once(root):
+    (root / "a").mkdir()
+    (root / "a" / "x.safetensors").write_bytes(b"x")
+    os.symlink(root / "a", root / "a" / "loop")
+    os.symlink(root, root / "a" / "up")
+    assert store.list_files([str(root)], EXT) == ["a/x.safetensors"]
+
+
+def test_broken_link_is_refused_by_rule(root):
+    os.symlink(root / "gone.safetensors", root / "dangling.safetensors")
+    with pytest.raises(ValueError, match="cannot be opened"):
+        store.resolve_file([str(root)], "dangling.safetensors", EXT)
