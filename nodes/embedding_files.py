@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..vl_core import store
-from ..vl_core.embeds_file import check_writable
+from ..vl_core.embeds_file import METADATA_KEY, check_writable
 from ..vl_core.types import VLEmbeds
 from .common import CATEGORY, VLEmbedsType, check_vl_embeds
 
@@ -32,6 +32,11 @@ def embeddings_roots() -> list[str]:
 
 def embeddings_dir() -> str:
     return embeddings_roots()[0]
+
+
+def is_embeddings_file(path: str) -> bool:
+    """Listed by Load: the header carries the embeddings metadata (other kinds share the folder)."""
+    return METADATA_KEY in (store.safetensors_metadata(path) or {})
 
 
 class SaveVLEmbeds(io.ComfyNode):
@@ -66,7 +71,7 @@ class SaveVLEmbeds(io.ComfyNode):
 class LoadVLEmbeds(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        names = store.list_files(embeddings_roots(), EXTENSION)
+        names = store.list_files(embeddings_roots(), EXTENSION, accept=is_embeddings_file)
         return io.Schema(
             node_id="ZImageVL_LoadEmbeds",
             display_name="Load VL Embeddings",

@@ -13,11 +13,13 @@ Pure Python (no torch, no comfy).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import socket
 import stat
+import struct
 import time
 from collections.abc import Callable, Iterable
 
@@ -135,10 +137,11 @@ def resolve_file(roots: Iterable[str], name, extension: str, input_name: str = "
     raise _refuse(input_name, name, f"not found inside {' or '.join(roots) or 'the folder'}")
 
 
-def list_files(roots: Iterable[str], extension: str, *, clean: bool = True) -> list[str]:
+def list_files(roots: Iterable[str], extension: str, *, clean: bool = True,
+               accept: Callable[[str], bool] | None = None) -> list[str]:
     """Sorted relative names ('/'-separated) of the loadable files under `roots`: regular, non-empty, ending
-    in `extension`, valid names; temps, hidden entries and symlinks leaving a root are skipped. With `clean`,
-    stale temps are removed first (clean_stale)."""
+    in `extension`, and accept(path) when given (e.g. "its header has my metadata key"); temps, hidden entries
+    and symlinks leaving a root are skipped. With `clean`, stale temps are removed first (clean_stale)."""
     found = set()
     for root in (os.path.abspath(r) for r in roots):
         if not os.path.isdir(root):
@@ -157,7 +160,7 @@ def list_files(roots: Iterable[str], extension: str, *, clean: bool = True) -> l
                     st = os.stat(path)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                if stat.S_ISREG(st.st_mode) and st.st_size > 0 and (accept is None or accept(path)):
                     found.add(os.path.relpath(path, root).replace(os.sep, "/"))
     return sorted(found)
 
@@ -171,6 +174,8 @@ def _first_visit(seen: set, path: str) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: rely on the age bound instead
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -322,3 +327,21 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def safetensors_metadata(path: str, max_header_bytes: int = 1 << 24) -> dict | None:
+    """The `__metadata__` dict of a safetensors file's JSON header (8-byte little-endian length, then JSON),
+    read without loading any tensor; None when the file is not a readable safetensors header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return None
+            (size,) = struct.unpack("<Q", head)
+            if size > max_header_bytes:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, RecursionError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None

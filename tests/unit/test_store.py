@@ -180,3 +180,17 @@ def test_broken_link_is_refused_by_rule(root):
     os.symlink(root / "gone.safetensors", root / "dangling.safetensors")
     with pytest.raises(ValueError, match="cannot be opened"):
         store.resolve_file([str(root)], "dangling.safetensors", EXT)
+
+
+def test_listing_filter_and_header_metadata(root):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(root / "emb.safetensors"), metadata={"vl_embeds": "{}"})
+    save_file({"w": torch.zeros(1)}, str(root / "lora.safetensors"))
+    (root / "junk.safetensors").write_bytes(b"\xff" * 64)
+    assert store.safetensors_metadata(str(root / "emb.safetensors")) == {"vl_embeds": "{}"}
+    assert store.safetensors_metadata(str(root / "lora.safetensors")) is None
+    assert store.safetensors_metadata(str(root / "junk.safetensors")) is None
+    accept = lambda p: "vl_embeds" in (store.safetensors_metadata(p) or {})  # noqa: E731
+    assert store.list_files([str(root)], EXT, accept=accept) == ["emb.safetensors"]
