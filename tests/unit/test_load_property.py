@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from vl_core.embeds_file import FLOAT_DTYPES
 from vl_core.types import VLEmbeds
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 LABEL = "mutant.safetensors"
 
