@@ -8,7 +8,7 @@ from .blend import AdaIN, EmbeddingBlend, StyleDelta
 from .encode import LoadQwen3VL, VLEncode
 from .injection import DiTInjection
 from .inspector import VLInspect
-from .io import LoadVLEmbeds, SaveVLEmbeds, register_folder
+from .embedding_files import LoadVLEmbeds, SaveVLEmbeds, register_folder
 
 
 class ZImageVLExtension(ComfyExtension):
