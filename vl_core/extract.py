@@ -134,9 +134,9 @@ def require_finite_states(embeds: VLEmbeds, image_input: str, index: int = 0,
         if image is not None:
             seen = f" (its pixels span {float(image.min()):.3g}..{float(image.max()):.3g})"
         raise ValueError(
-            f"{image_input}: image {index}{seen} gave {bad} NaN/Inf hidden-state values after the Qwen3-VL forward; "
-            "the likely cause is pixel values outside [0, 1] (ComfyUI IMAGEs are 0..1 floats): check the node that "
-            "produced the image, or clamp it to 0..1")
+            f"input '{image_input}', image {index}{seen}: the Qwen3-VL forward gave {bad} NaN/Inf hidden-state "
+            "values; the likely cause is pixel values outside [0, 1] (ComfyUI IMAGEs are 0..1 floats): check the "
+            "node that produced the image, or clamp it to 0..1")
     return embeds
 
 

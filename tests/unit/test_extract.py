@@ -102,10 +102,10 @@ def test_require_finite_states_names_the_image_and_the_likely_cause():
     bad.hidden[31][0, 4, 2] = float("nan")
     bad.hidden[35][0, 4] = float("inf")
     image = torch.full((64, 64, 3), 1e30)
-    with pytest.raises(ValueError, match=r"image: image 2 \(its pixels span 1e\+30\.\.1e\+30\) gave 9 NaN/Inf "
-                                         r"hidden-state values.*outside \[0, 1\].*produced the image"):
+    with pytest.raises(ValueError, match=r"input 'image', image 2 \(its pixels span 1e\+30\.\.1e\+30\): the Qwen3-VL "
+                                         r"forward gave 9 NaN/Inf hidden-state values.*outside \[0, 1\].*produced the image"):
         extract.require_finite_states(bad, "image", 2, image)
-    with pytest.raises(ValueError, match=r"^reference: image 0 gave 9 NaN/Inf.*pixel values outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"^input 'reference', image 0: .*gave 9 NaN/Inf.*pixel values outside \[0, 1\]"):
         extract.require_finite_states(bad, "reference")
 
 
