@@ -108,6 +108,9 @@ class NativeQwen3VLEncoder:
             raise ValueError(f"the clip's tokenizer does not know {extract.IMAGE_PAD} as one token")
         self.image_pad_id = int(ids[0])
         self.source = self._source_name(clip, csm)
+        self._runner: Qwen3VLRunner | None = None      # built on the first fast encode
+        self._spec = self._spec_error = None            # runner spec of the modules, or why there is none
+        self._modules_list = None                       # named_modules(): the tree is fixed, its tensors are not
 
     @staticmethod
     def _source_name(clip, csm) -> str:
@@ -246,7 +249,7 @@ class NativeQwen3VLEncoder:
             return None
         device = self.clip.patcher.load_device
         dtype = self._compute_dtype(device)
-        runner = getattr(self, "_runner", None)
+        runner = self._runner
         if runner is None:
             runner = Qwen3VLRunner(self._transformer.visual, self._transformer.model, self._spec, dtype, device,
                                    weights=ComfyWeights(dtype, device), graphs=self.graphs)
@@ -267,12 +270,11 @@ class NativeQwen3VLEncoder:
 
     def _fast_blocker(self, loaded: bool = False) -> str | None:
         """Why the fast path cannot run on this clip (None if it can)."""
-        if not hasattr(self, "_spec"):
+        if self._spec is None and self._spec_error is None:
             try:
-                self._spec = spec_from_comfy(self._transformer)
-                Qwen3VLRunner(self._transformer.visual, self._transformer.model, self._spec, torch.float32,
-                              "cpu").check()
-                self._spec_error = None
+                spec = spec_from_comfy(self._transformer)
+                Qwen3VLRunner(self._transformer.visual, self._transformer.model, spec, torch.float32, "cpu").check()
+                self._spec = spec
             except (UnsupportedModel, AttributeError, TypeError, ValueError) as e:
                 self._spec_error = f"unknown module layout ({e})"
         if self._spec_error:
@@ -288,10 +290,9 @@ class NativeQwen3VLEncoder:
         if patched:
             return f"the clip has object patches on its modules ({', '.join(sorted(patched)[:3])})"
         if loaded:
-            modules = getattr(self, "_modules_list", None)
-            if modules is None:     # the module tree is fixed; ComfyUI may swap the tensors inside it (loads, LoRA)
-                modules = self._modules_list = list(self._transformer.named_modules())
-            return unsupported_weights(modules)
+            if self._modules_list is None:    # ComfyUI may swap the tensors inside the tree (loads, LoRA)
+                self._modules_list = list(self._transformer.named_modules())
+            return unsupported_weights(self._modules_list)
         return None
 
     def _run_fast(self, runner: Qwen3VLRunner, input_ids: torch.Tensor, images: list[list[torch.Tensor]], sizes,

@@ -120,6 +120,12 @@ def spec_from_hf_config(config) -> Qwen3VLSpec:
         vision_rope_theta=float(vrope.get("rope_theta", 10000.0)))
 
 
+def _require_picture(k: int, image) -> None:
+    if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
+                         f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+
+
 class TransformersQwen3VL:
     """`VLEncoder` over a `transformers` Qwen3VLForConditionalGeneration and its tokenizer.
 
@@ -239,9 +245,7 @@ class TransformersQwen3VL:
 
     def _check_images(self, images: Sequence[torch.Tensor]) -> None:
         for k, image in enumerate(images):
-            if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
-                                 f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+            _require_picture(k, image)
             unit = self.patch_size * self.merge_size
             if image.shape[0] % unit or image.shape[1] % unit:
                 raise ValueError(f"image size {image.shape[1]}×{image.shape[0]} must be a multiple of {unit} px")
@@ -259,9 +263,7 @@ class TransformersQwen3VL:
             return None, None
         pixels, grids = [], []
         for k, image in enumerate(images):
-            if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
-                                 f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+            _require_picture(k, image)
             pv, grid = preprocess.to_patches(image, self.patch_size, self.temporal_patch_size, self.merge_size)
             pixels.append(pv)
             grids.append(grid)
