@@ -12,6 +12,7 @@ vl_core.encoders.qwen3vl_runner: preprocessing on the device, the weights' dtype
 Modules that ComfyUI manages in place (lowvram / dynamic VRAM / LoRA weight functions) get their weights
 from ComfyUI's own `comfy.ops.cast_bias_weight`. Where the fast path cannot apply (quantized or odd
 weights, unknown layouts, hooks/object patches) it falls back to ComfyUI's encode and logs why once.
+Repeated identical encodes replay CUDA graphs from the encoder's own GraphCache; offload() releases them.
 
 Known difference between them (measured on identical weights, fp32): at layers 1..K, where K is the
 number of DeepStack layers (3 for Qwen3-VL-4B), the *image-token* states differ by exactly the DeepStack
