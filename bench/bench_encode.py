@@ -4,7 +4,7 @@ Builds a random-init full-size Qwen3-VL-4B (the real config: text 2560 x 36 laye
 FFN 9728; vision 1024 x 24, 16 heads, patch 16, DeepStack [5, 11, 17]) as a transformers
 Qwen3VLForConditionalGeneration in bf16 on the GPU, and ComfyUI's own native Qwen3-VL-4B
 (comfy.sd.CLIP over comfy.text_encoders.qwen3vl) sharing the very same weight tensors, then measures
-through this pack's real code (nodes/backends.py, vl_core):
+through this pack's real code (nodes/native_clip.py, nodes/transformers_model.py, vl_core):
 
   native fast        NativeQwen3VLEncoder.encode (ComfyUI's loaded modules through vl_core's runner)
   transformers fast  TransformersVLModel.encode (ModelPatcher-managed HF model, the runner)
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from common import REPO_ROOT, find_comfy, import_host, import_pack, native_qwen3vl_target  # noqa: F401
+from flops import encode_flops
 PROMPT = "Describe the style, colours, lighting and composition of this image."
 
 FULL_TEXT = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -193,10 +194,13 @@ def main(argv=None):
     import torch
     import comfy.model_management as mm
 
-    backends = import_pack("nodes.backends")
+    native_clip = import_pack("nodes.native_clip")
+    transformers_model = import_pack("nodes.transformers_model")
     tq = import_pack("vl_core.encoders.transformers_qwen3vl")
     runner_mod = import_pack("vl_core.encoders.qwen3vl_runner")
     extract = import_pack("vl_core.extract")
+    layout = import_pack("vl_core.layout")
+    preprocess = import_pack("vl_core.preprocess")
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -218,26 +222,25 @@ def main(argv=None):
     print(f"bf16 8192^3 matmul: {peak / 1e12:.0f} TFLOP/s", flush=True)
     results["info"] = info
 
-    native = backends.NativeQwen3VLEncoder(clip)
-    native_eager = backends.NativeQwen3VLEncoder(clip, graphs=False)
-    host = backends.NativeQwen3VLEncoder(clip, engine="host")
+    native = native_clip.NativeQwen3VLEncoder(clip)
+    native_eager = native_clip.NativeQwen3VLEncoder(clip, graphs=False)
+    host = native_clip.NativeQwen3VLEncoder(clip, engine="host")
     tr_enc = tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B")
-    tr = backends.TransformersVLModel(tr_enc, load_device=device, offload_device=torch.device("cpu"))
-    tr_eager = backends.TransformersVLModel(tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B",
-                                                                   graphs=False),
-                                            load_device=device, offload_device=torch.device("cpu"))
+    tr = transformers_model.TransformersVLModel(tr_enc, load_device=device, offload_device=torch.device("cpu"))
+    tr_eager = transformers_model.TransformersVLModel(
+        tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B", graphs=False),
+        load_device=device, offload_device=torch.device("cpu"))
     tr_hf = tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B", engine="hf")
     tr_hf.output_device = mm.intermediate_device()
     L = native.num_layers
     layer = extract.resolve_layer(args.layer if args.layer is not None else (-2 if args.tiny else -6), L)
     print(f"layer {layer - L - 1} (= hidden_states[{layer}]) of {L}", flush=True)
-    spec = native._spec if hasattr(native, "_spec") else None
 
     def hf_full(image):
         """The common transformers way: full forward, every hidden state, logits."""
-        grids = [tq.preprocess.to_patches(image)[1]]
-        pv = tq.preprocess.to_patches(image)[0]
-        counts = [int(g.prod()) // 4 for g in grids]
+        pv, grid = preprocess.to_patches(image)
+        grids = [grid]
+        counts = [preprocess.image_tokens(image.shape[0], image.shape[1])]
         ids, _ = tr_hf.tokenize(PROMPT, 1, "after_image", counts)
         kw = dict(input_ids=ids[None].to(device), pixel_values=pv.to(device), image_grid_thw=torch.cat(grids).to(device),
                   output_hidden_states=True, use_cache=False)
@@ -280,9 +283,9 @@ def main(argv=None):
             n_tokens = emb.num_tokens if emb is not None else 0
             spec = native._spec
             grid = [(size // spec.patch_size, size // spec.patch_size)]
-            fl = runner_mod.encode_flops(spec, grid, n_tokens, layer, vision_ffn=hf_model.config.vision_config.intermediate_size,
+            fl = encode_flops(spec, grid, n_tokens, layer, vision_ffn=hf_model.config.vision_config.intermediate_size,
                                          text_ffn=hf_model.config.text_config.intermediate_size)
-            fl_full = runner_mod.encode_flops(spec, grid, n_tokens, L, vision_ffn=hf_model.config.vision_config.intermediate_size,
+            fl_full = encode_flops(spec, grid, n_tokens, L, vision_ffn=hf_model.config.vision_config.intermediate_size,
                                               text_ffn=hf_model.config.text_config.intermediate_size)
             lm_head = 2 * n_tokens * spec.hidden * hf_model.config.text_config.vocab_size
             row["tokens"] = n_tokens
@@ -309,7 +312,7 @@ def main(argv=None):
             runner.sdpa = mode
 
             def vision_only():
-                with torch.inference_mode(), runner_mod._sdpa_context(mode, device):
+                with torch.inference_mode(), runner_mod.sdpa_context(mode, device):
                     runner.vision(x)
             try:
                 bd[f"vision sdpa={mode}"] = measure(vision_only, device, args.reps)
@@ -319,17 +322,17 @@ def main(argv=None):
                 bd[f"sdpa={mode}"] = {"error": f"{type(e).__name__}: {e}"}
         runner.sdpa = "auto"
         emb = native.encode([image], PROMPT, [layer], "after_image")
-        ids = emb.extra.get("input_ids") if emb.extra else None
         before, text, after = extract.chat_pieces(PROMPT, 1, "after_image")
-        ids, _ = tq.expand_image_pads(*tq.tokenize_chat(tok, before, text, after), native.image_pad_id,
-                                      [emb.num_image_tokens])
+        ids, _ = layout.expand_image_pads(*layout.tokenize_chat(tok, before, text, after), native.image_pad_id,
+                                          [emb.num_image_tokens])
         ids = ids.tolist()
+        cache = runner.graphs
         for graphs in (True, False):
-            runner.graphs = graphs
+            runner.graphs = cache if graphs else None
             bd[f"runner.forward only, graphs={graphs}"] = measure(
                 lambda: runner.forward(ids, native.image_pad_id, [x], [layer]), device, args.reps)
-        runner.graphs = True
-        pv, grid = tq.preprocess.to_patches(image)
+        runner.graphs = cache
+        pv, grid = preprocess.to_patches(image)
 
         def hf_visual():
             with torch.inference_mode():

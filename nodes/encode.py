@@ -7,8 +7,10 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..vl_core import extract, preprocess, stats
-from . import backends
+from .backends import vl_encoder
 from .common import CATEGORY, VLEmbedsType, VLModelType
+from .model_folders import list_vl_folders, resolve_vl_folder
+from .transformers_model import load_transformers_vl
 
 log = logging.getLogger("comfyui-zimage-vl")
 
@@ -23,7 +25,7 @@ class LoadQwen3VL(io.ComfyNode):
             description="Loads a Hugging Face Qwen3-VL-4B folder (config.json + safetensors) from "
                         "models/text_encoders or models/LLM, offline. ComfyUI loads and offloads it like any model.",
             inputs=[
-                io.Combo.Input("folder", options=backends.list_vl_folders(),
+                io.Combo.Input("folder", options=list_vl_folders(),
                                tooltip="A Qwen3-VL folder under models/text_encoders or models/LLM "
                                        "(e.g. Qwen3-VL-4B-Instruct). Use the 4B: its 2560-d states match Z-Image."),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto", advanced=True,
@@ -34,7 +36,7 @@ class LoadQwen3VL(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder: str, dtype: str) -> io.NodeOutput:
-        return io.NodeOutput(backends.load_transformers_vl(backends.resolve_vl_folder(folder), dtype))
+        return io.NodeOutput(load_transformers_vl(resolve_vl_folder(folder), dtype))
 
 
 class VLEncode(io.ComfyNode):
@@ -87,7 +89,9 @@ class VLEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers: str = "-6", **_) -> bool | str:
+    def validate_inputs(cls, layers: str = "-6") -> bool | str:
+        # Only `layers` is named (no **kwargs): ComfyUI 0.29 then keeps its own type / min / max / option
+        # checks for every other input and reports a failure here once, under `layers`.
         try:
             extract.parse_layers(layers, 10_000)
         except ValueError as e:
@@ -101,10 +105,7 @@ class VLEncode(io.ComfyNode):
         if not prompt or not prompt.strip():
             raise ValueError("prompt is empty: VL Encode reads the image together with text; give your Z-Image "
                              "prompt or a short description such as 'a photo'")
-        if (clip is None) == (vl_model is None):
-            raise ValueError("connect exactly one backend: a Qwen3-VL CLIP from CLIPLoader to 'clip', or "
-                             "'Load Qwen3-VL (transformers)' to 'vl_model'")
-        encoder = backends.NativeQwen3VLEncoder(clip) if clip is not None else vl_model
+        encoder = vl_encoder(clip, vl_model)
         resolved = extract.parse_layers(layers, encoder.num_layers)
         if resolved and max(resolved) >= encoder.num_layers - 1:
             log.warning("VL Encode: layers near the end (-1/-2) give grid artifacts with Z-Image; -6 is cleaner")
@@ -112,13 +113,12 @@ class VLEncode(io.ComfyNode):
             log.warning("VL Encode: token_mode 'text' drops the image tokens, so the result carries no image")
 
         pbar = comfy.utils.ProgressBar(3)
-        picture = preprocess.check_image(image)
-        size = preprocess.plan_size(picture.shape[0], picture.shape[1], max_image_tokens, resize)
-        picture = preprocess.resize_image(picture, size)
+        picture = preprocess.fit_image(image, max_image_tokens, resize)
         pbar.update(1)
         embeds = encoder.encode([picture], prompt, resolved, placement)
-        if offload_after_encode and hasattr(encoder, "offload"):
+        if offload_after_encode:
             encoder.offload()
+        extract.require_finite_states(embeds, "image", 0, picture)
         pbar.update(1)
         embeds = stats.suppress_image_outliers(embeds, outlier_threshold, outlier_mode)
         embeds = extract.select_tokens(embeds, token_mode)

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import backends
 from .blend import AdaIN, EmbeddingBlend, StyleDelta
 from .encode import LoadQwen3VL, VLEncode
 from .injection import DiTInjection
 from .inspector import VLInspect
 from .embedding_files import LoadVLEmbeds, SaveVLEmbeds, register_folder
+from .model_folders import register_folders
 
 
 class ZImageVLExtension(ComfyExtension):
     async def on_load(self) -> None:
         register_folder()
-        backends.register_folders()
+        register_folders()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import require_choice
 from .types import Span, VLEmbeds
 
 PLACEMENTS = ("after_image", "before_image")
@@ -23,8 +24,7 @@ def chat_pieces(prompt: str, num_images: int, placement: str) -> tuple[str, str,
     The LM is causal: with "after_image" the prompt tokens see the image; with "before_image"
     the image tokens see the prompt (image tokens never see text placed after them).
     """
-    if placement not in PLACEMENTS:
-        raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
+    require_choice("prompt placement", placement, PLACEMENTS)
     vision = VISION_BLOCK * num_images
     if placement == "after_image":
         return USER_PREFIX + vision, prompt, ASSISTANT_SUFFIX
@@ -87,8 +87,7 @@ def parse_layers(spec: str | int | Sequence[int], num_layers: int) -> list[int]:
 
 def select_tokens(embeds: VLEmbeds, mode: str) -> VLEmbeds:
     """Keep "full" (all tokens), "image" (image tokens only) or "text" (all non-image tokens)."""
-    if mode not in TOKEN_MODES:
-        raise ValueError(f"token mode must be one of {TOKEN_MODES}, got {mode!r}")
+    require_choice("token mode", mode, TOKEN_MODES)
     if mode == "full":
         return embeds
     image = embeds.image_mask()
@@ -120,6 +119,25 @@ def build_embeds(hidden_states: Sequence[torch.Tensor] | dict[int, torch.Tensor]
     hidden = {layer: hidden_states[layer] for layer in layers}
     return VLEmbeds(hidden=hidden, image_spans=tuple(find_runs(input_ids, image_pad_id)),
                     prompt_span=tuple(prompt_span), num_layers=num_layers, **meta)
+
+
+def require_finite_states(embeds: VLEmbeds, image_input: str, index: int = 0,
+                          image: torch.Tensor | None = None) -> VLEmbeds:
+    """Raise ValueError if the encoded states hold NaN/Inf: ¬isfinite(h).any() for any layer.
+
+    Finite pixels far outside 0..1 (e.g. 1e30 from a bad upstream node) overflow inside the model; the
+    message names the image input, the image's index and, given `image`, its pixel range.
+    """
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in embeds.hidden.values())
+    if bad:
+        seen = ""
+        if image is not None:
+            seen = f" (its pixels span {float(image.min()):.3g}..{float(image.max()):.3g})"
+        raise ValueError(
+            f"input '{image_input}', image {index}{seen}: the Qwen3-VL forward gave {bad} NaN/Inf hidden-state "
+            "values; the likely cause is pixel values outside [0, 1] (ComfyUI IMAGEs are 0..1 floats): check the "
+            "node that produced the image, or clamp it to 0..1")
+    return embeds
 
 
 def token_accounting(embeds: VLEmbeds) -> list[str]:

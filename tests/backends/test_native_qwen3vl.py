@@ -1,4 +1,5 @@
-"""ComfyUI side: NativeQwen3VLEncoder over ComfyUI's own Qwen3-VL, TransformersVLModel, model folders.
+"""ComfyUI side: NativeQwen3VLEncoder over ComfyUI's own Qwen3-VL (nodes/native_clip.py), TransformersVLModel
+(nodes/transformers_model.py), model folders (nodes/model_folders.py), backend selection (nodes/backends.py).
 
 Collected only when a ComfyUI host is found (see conftest.py); comfy runs on CPU. The native encoder's
 default path is the fast runner over ComfyUI's loaded modules; engine="host" is ComfyUI's own encode
@@ -15,6 +16,10 @@ import torch
 from tools import tiny_models
 
 backends = tiny_models.import_pack("nodes.backends")
+native_clip_mod = tiny_models.import_pack("nodes.native_clip")
+native_fast = tiny_models.import_pack("nodes.native_fast")
+model_folders = tiny_models.import_pack("nodes.model_folders")
+transformers_model = tiny_models.import_pack("nodes.transformers_model")
 extract = tiny_models.import_pack("vl_core.extract")
 preprocess = tiny_models.import_pack("vl_core.preprocess")
 
@@ -35,7 +40,7 @@ def native_clip(hf_tiny_path):
 
 @pytest.fixture(scope="module")
 def native(native_clip):
-    return backends.NativeQwen3VLEncoder(native_clip)
+    return native_clip_mod.NativeQwen3VLEncoder(native_clip)
 
 
 def deepstack_features(hf_encoder, images) -> list[torch.Tensor]:
@@ -82,7 +87,7 @@ def test_native_matches_transformers_on_same_weights(native, hf_encoder, placeme
 
 @pytest.fixture(scope="module")
 def host(native_clip):
-    return backends.NativeQwen3VLEncoder(native_clip, engine="host")
+    return native_clip_mod.NativeQwen3VLEncoder(native_clip, engine="host")
 
 
 def rel(a, b) -> float:
@@ -120,9 +125,9 @@ def native_bf16_clip(hf_tiny_path):
 def test_fast_path_matches_comfy_encode_bf16(native_bf16_clip, native_clip):
     """bf16 weights: ComfyUI upcasts everything to fp32, the fast path computes in bf16; both stay within bf16
     rounding of each other and of the fp32 model."""
-    fast = backends.NativeQwen3VLEncoder(native_bf16_clip)
-    slow = backends.NativeQwen3VLEncoder(native_bf16_clip, engine="host")
-    fp32 = backends.NativeQwen3VLEncoder(native_clip, engine="host")
+    fast = native_clip_mod.NativeQwen3VLEncoder(native_bf16_clip)
+    slow = native_clip_mod.NativeQwen3VLEncoder(native_bf16_clip, engine="host")
+    fp32 = native_clip_mod.NativeQwen3VLEncoder(native_clip, engine="host")
     images, layers = [picture(64, 96, 8)], [0, 1, 2, 3, 4]
     a = fast.encode(images, PROMPT, layers, "after_image")
     assert fast.last_path == "fast" and fast._runner.dtype == torch.bfloat16
@@ -138,7 +143,7 @@ def test_fast_path_through_comfy_weight_casting(native, host):
     """Modules ComfyUI manages in place (lowvram / dynamic VRAM / LoRA weight functions) are read through
     comfy.ops.cast_bias_weight: forcing that route for every ComfyUI op gives the same states."""
 
-    class CastEverything(backends.ComfyWeights):
+    class CastEverything(native_fast.ComfyWeights):
         calls = 0
 
         def _is_direct(self, m):
@@ -153,12 +158,12 @@ def test_fast_path_through_comfy_weight_casting(native, host):
     images, layers = [picture(64, 64, 9)], [1, 3, 4]
     want = native.encode(images, PROMPT, layers, "after_image")
     runner = native._runner
-    original = backends.ComfyWeights
-    backends.ComfyWeights = CastEverything
+    original = native_clip_mod.ComfyWeights
+    native_clip_mod.ComfyWeights = CastEverything
     try:
         got = native.encode(images, PROMPT, layers, "after_image")
     finally:
-        backends.ComfyWeights = original
+        native_clip_mod.ComfyWeights = original
     assert runner is native._runner and CastEverything.calls > 50
     for layer in layers:
         assert torch.equal(got.hidden[layer], want.hidden[layer])
@@ -192,24 +197,24 @@ def test_fallback_to_comfy_encode_is_logged_once(hf_tiny_path, caplog):
     clip = tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256).clone()
     inner = clip.cond_stage_model.clip
     clip.patcher.add_object_patch(f"{inner}.transformer.dtype", torch.float32)     # harmless, but opaque to us
-    enc = backends.NativeQwen3VLEncoder(clip)
+    enc = native_clip_mod.NativeQwen3VLEncoder(clip)
     with caplog.at_level("WARNING", logger="comfyui-zimage-vl"):
         a = enc.encode([picture(64, 64)], PROMPT, [2], "after_image")
         b = enc.encode([picture(64, 64)], PROMPT, [2], "after_image")
     assert enc.last_path == "host" and torch.equal(a.hidden[2], b.hidden[2])
     assert caplog.text.count("object patches") == 1
     with pytest.raises(RuntimeError, match="fast path does not apply.*object patches"):
-        backends.NativeQwen3VLEncoder(clip, engine="fast").encode([picture(64, 64)], PROMPT, [2], "after_image")
+        native_clip_mod.NativeQwen3VLEncoder(clip, engine="fast").encode([picture(64, 64)], PROMPT, [2], "after_image")
 
 
 def test_unknown_layout_falls_back(monkeypatch, native_clip):
-    enc = backends.NativeQwen3VLEncoder(native_clip)
+    enc = native_clip_mod.NativeQwen3VLEncoder(native_clip)
     monkeypatch.setattr(enc._transformer.model.config, "mlp_activation", "gelu_pytorch_tanh", raising=False)
     assert "unknown module layout" in enc._fast_blocker() and "mlp_activation" in enc._fast_blocker()
 
 
 def test_offload_unloads_only_this_model(native_clip, hf_tiny_path):
-    enc = backends.NativeQwen3VLEncoder(native_clip)
+    enc = native_clip_mod.NativeQwen3VLEncoder(native_clip)
     other = tiny_models.make_native_tiny_zimage_clip()
     model_management.load_models_gpu([other.patcher])
     enc.encode([picture(64, 64)], PROMPT, [1], "after_image")
@@ -245,7 +250,7 @@ def test_original_clip_settings_unchanged(native_clip):
     reference = native_clip.encode_from_tokens(tokens)   # leaves the shared module set to layer -2
     before = (native_clip.layer_idx, inner.layer, inner.layer_idx, inner.execution_device)
     assert before[:3] == (-2, "hidden", -2)
-    encoder = backends.NativeQwen3VLEncoder(native_clip)
+    encoder = native_clip_mod.NativeQwen3VLEncoder(native_clip)
     encoder.encode([picture(64, 64)], PROMPT, [1, 2, 4], "before_image")
     assert (native_clip.layer_idx, inner.layer, inner.layer_idx, inner.execution_device) == before
     after = native_clip.encode_from_tokens(tokens)
@@ -258,9 +263,9 @@ def test_non_qwen3vl_clip_is_refused():
     with pytest.raises(ValueError, match=r"clip is not a Qwen3-VL text encoder \(found comfy\.text_encoders\.z_image\.ZImageTEModel "
                                          r"with Qwen3_4B\).*"
                                          r"CLIPLoader type 'lumina2'.*Load Qwen3-VL \(transformers\)"):
-        backends.NativeQwen3VLEncoder(zimage)
+        native_clip_mod.NativeQwen3VLEncoder(zimage)
     with pytest.raises(ValueError, match="not a Qwen3-VL text encoder"):
-        backends.NativeQwen3VLEncoder(object())
+        native_clip_mod.NativeQwen3VLEncoder(object())
 
 
 def test_native_refuses_bad_inputs(native):
@@ -273,7 +278,7 @@ def test_native_refuses_bad_inputs(native):
 # ---------------------------------------------------------------------------- transformers via ModelPatcher
 
 def test_transformers_vl_model_runs_through_model_patcher(hf_tiny_path, hf_encoder):
-    vl = backends.load_transformers_vl(hf_tiny_path, "fp32")
+    vl = transformers_model.load_transformers_vl(hf_tiny_path, "fp32")
     assert (vl.num_layers, vl.width, vl.source) == (4, 256, os.path.basename(hf_tiny_path))
     assert vl.patcher.model.hf is vl.encoder.model
     img = picture(64, 96)
@@ -286,7 +291,7 @@ def test_transformers_vl_model_runs_through_model_patcher(hf_tiny_path, hf_encod
 
 
 def test_transformers_vl_model_encode_many_and_offload(hf_tiny_path, hf_encoder):
-    vl = backends.load_transformers_vl(hf_tiny_path, "fp32")
+    vl = transformers_model.load_transformers_vl(hf_tiny_path, "fp32")
     images = [picture(64, 96, 30), picture(64, 96, 31)]
     many = vl.encode_many(images, PROMPT, [1, 3], "after_image")
     for image, got in zip(images, many):
@@ -300,9 +305,9 @@ def test_transformers_vl_model_encode_many_and_offload(hf_tiny_path, hf_encoder)
 
 
 def test_dtype_choice():
-    assert backends.auto_dtype(torch.device("cpu")) == torch.float32
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        backends.load_transformers_vl("/nonexistent", "int8")
+    assert transformers_model.auto_dtype(torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'int8': expected one of 'auto', 'bf16', 'fp16', 'fp32'"):
+        transformers_model.load_transformers_vl("/nonexistent", "int8")
 
 
 # ---------------------------------------------------------------------------- model folders
@@ -331,19 +336,38 @@ def test_list_and_resolve_vl_folders(model_dirs, tmp_path):
     (llm / "not-a-model").mkdir()
     (te / "some_file.safetensors").write_bytes(b"")
     write_config(tmp_path / "outside")
-    assert backends.list_vl_folders() == ["Qwen/Qwen3-VL-tiny", "Qwen3-VL-4B-Instruct", "qwen3-4b-hf"]
-    assert backends.resolve_vl_folder("Qwen3-VL-4B-Instruct") == str(llm / "Qwen3-VL-4B-Instruct")
-    assert backends.resolve_vl_folder("Qwen/Qwen3-VL-tiny") == str(llm / "Qwen" / "Qwen3-VL-tiny")
+    assert model_folders.list_vl_folders() == ["Qwen/Qwen3-VL-tiny", "Qwen3-VL-4B-Instruct", "qwen3-4b-hf"]
+    assert model_folders.resolve_vl_folder("Qwen3-VL-4B-Instruct") == str(llm / "Qwen3-VL-4B-Instruct")
+    assert model_folders.resolve_vl_folder("Qwen/Qwen3-VL-tiny") == str(llm / "Qwen" / "Qwen3-VL-tiny")
     with pytest.raises(ValueError, match="not a Qwen3-VL model.*'qwen3'"):
-        backends.resolve_vl_folder("qwen3-4b-hf")
+        model_folders.resolve_vl_folder("qwen3-4b-hf")
     for bad in ["../outside", "Qwen/../../outside", str(tmp_path / "outside"), "", "not-a-model", "missing"]:
         with pytest.raises(ValueError):
-            backends.resolve_vl_folder(bad)
+            model_folders.resolve_vl_folder(bad)
 
 
 def test_llm_folder_registered_on_demand(monkeypatch):
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "LLM", raising=False)
-    backends.register_folders()
+    model_folders.register_folders()
     assert folder_paths.get_folder_paths("LLM") == [os.path.join(folder_paths.models_dir, "LLM")]
-    backends.register_folders()   # idempotent
+    model_folders.register_folders()   # idempotent
     assert folder_paths.get_folder_paths("LLM") == [os.path.join(folder_paths.models_dir, "LLM")]
+
+
+@pytest.mark.parametrize("h,w", [(64, 96), (50, 70), (20, 20), (33, 1000), (3700, 3700)])
+def test_resize_rule_is_the_hosts(h, w):
+    """vl_core.preprocess.qwen_vl_resize gives the grid ComfyUI's own Qwen-VL preprocessing produces."""
+    import comfy.text_encoders.qwen_vl as qwen_vl
+
+    _, grid = qwen_vl.process_qwen2vl_images(torch.zeros(1, h, w, 3), patch_size=16)
+    rh, rw = preprocess.qwen_vl_resize(h, w, 32)
+    assert grid.flatten().tolist()[1:] == [rh // 16, rw // 16]
+
+
+def test_backend_selection_needs_exactly_one(native_clip):
+    for clip, vl_model in ((None, None), (native_clip, object())):
+        with pytest.raises(ValueError, match="connect exactly one backend"):
+            backends.vl_encoder(clip, vl_model)
+    with pytest.raises(ValueError, match="vl_model must come from 'Load Qwen3-VL \\(transformers\\)', got str"):
+        backends.vl_encoder(None, "a string")
+    assert isinstance(backends.vl_encoder(native_clip), native_clip_mod.NativeQwen3VLEncoder)

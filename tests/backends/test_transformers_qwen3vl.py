@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from vl_core import extract, preprocess
-from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL, check_qwen3vl_folder, tokenize_chat
+from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL, check_qwen3vl_folder
+from vl_core.layout import tokenize_chat
 from vl_core.types import VLEmbeds
 
 PROMPT = "a red cat on a blue sofa"
@@ -182,7 +183,7 @@ def test_engine_selection(hf_tiny_path, hf_encoder, caplog):
     """A config the runner does not implement falls back to the transformers forward (logged), or raises
     with engine="fast"; engine "hf" never builds a runner."""
     assert TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, engine="hf").fast_runner() is None
-    with pytest.raises(ValueError, match="engine must be one of"):
+    with pytest.raises(ValueError, match="unknown engine 'turbo': expected one of 'auto', 'fast', 'hf'"):
         TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, engine="turbo")
     odd = TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cpu")
     odd.model.config.text_config.hidden_act = "gelu"
@@ -313,36 +314,88 @@ def test_non_qwen3vl_and_missing_folders_are_refused(tmp_path):
 
 
 def test_runner_outputs_are_owned_and_graphs_stay_off_the_cpu(hf_encoder):
-    """Results are plain float32 tensors the caller owns; CUDA-graph capture never engages on the CPU."""
-    from vl_core.encoders import qwen3vl_runner as qr
+    """Results are plain float32 tensors the caller owns; CUDA-graph capture never engages on the CPU; the
+    runner uses its encoder's own graph cache, which offload releases."""
+    from vl_core.encoders import weights
 
     runner = hf_encoder.fast_runner()
+    assert runner.graphs is hf_encoder.graphs is not None
     assert runner.device.type == "cpu" and not runner._graphs_possible()
     with torch.inference_mode():
         t = torch.ones(1, 3, 4, dtype=torch.bfloat16)
-    out = qr.to_output(t, "cpu")
+    out = weights.to_output(t, "cpu")
     assert out.dtype == torch.float32 and not out.is_inference() and out.data_ptr() != t.data_ptr()
     f32 = torch.ones(2, 2)
-    assert qr.to_output(f32, "cpu").data_ptr() != f32.data_ptr()
-    assert qr.normalize_device("cpu") == torch.device("cpu")
-    qr.release_graphs()
-    assert not qr._GRAPHS and not qr._GRAPH_SEEN
+    assert weights.to_output(f32, "cpu").data_ptr() != f32.data_ptr()
+    assert weights.normalize_device("cpu") == torch.device("cpu")
+    eager = TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, graphs=False)
+    assert eager.graphs is None and eager.fast_runner().graphs is None
+    eager.release_graphs()       # nothing to release: no error
+
+
+def test_graph_cache_counts_eager_runs_and_releases():
+    """The cache captures on the second identical encode: ran_before is False once per key, then True;
+    release() forgets everything; it never engages off the GPU."""
+    from vl_core.encoders.graph_cache import GraphCache
+
+    cache = GraphCache(capacity=2, seen_capacity=2)
+    assert not cache.usable(torch.device("cpu")) and len(cache) == 0
+    assert cache.ran_before("a") is False and cache.ran_before("a") is True
+    assert cache.ran_before("b") is False and cache.ran_before("c") is False     # "a" evicted (seen_capacity 2)
+    assert cache.ran_before("a") is False
+    assert cache.replay("a", []) is None
+    cache.release()
+    assert cache.ran_before("b") is False
+    other = GraphCache()
+    assert other.ran_before("b") is False        # each cache owns its state
 
 
 def test_flops_and_mrope_tables():
-    """encode_flops counts what the runner computes; MRoPE positions follow the Qwen-VL rule."""
-    from vl_core.encoders import qwen3vl_runner as qr
+    """encode_flops (bench/) counts what the runner computes; MRoPE positions follow the Qwen-VL rule."""
+    import importlib.util
 
-    pos = qr.mrope_positions([1, 2, 9, 9, 9, 9, 9, 9, 3], 9, [(2, 3)])
+    from vl_core.encoders.batching import batch_chunks, same_size_batches
+    from vl_core.encoders.qwen3vl_spec import Qwen3VLSpec
+    from vl_core.encoders.qwen3vl_tables import mrope_positions
+
+    bench_flops = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "flops.py")
+    spec_ = importlib.util.spec_from_file_location("zimage_vl_bench_flops", bench_flops)
+    flops = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(flops)
+
+    pos = mrope_positions([1, 2, 9, 9, 9, 9, 9, 9, 3], 9, [(2, 3)])
     assert pos[:, :2].tolist() == [[0, 1], [0, 1], [0, 1]]
     assert pos[0, 2:8].tolist() == [2] * 6
     assert pos[1, 2:8].tolist() == [2, 2, 2, 3, 3, 3] and pos[2, 2:8].tolist() == [2, 3, 4, 2, 3, 4]
     assert pos[:, 8].tolist() == [5, 5, 5]                # resumes at 2 + max(2, 3)
-    spec = qr.Qwen3VLSpec(patch_size=16, temporal_patch_size=2, merge_size=2, vision_hidden=1024, vision_heads=16,
-                          vision_depth=24, num_grid_per_side=48, deepstack_indexes=(5, 11, 17), num_layers=36,
-                          hidden=2560, heads=32, kv_heads=8, head_dim=128, rope_theta=5e6, mrope_section=(24, 20, 20),
-                          mrope_interleaved=True, rms_eps=1e-6, deepstack_after_record=True)
-    f31 = qr.encode_flops(spec, [(64, 64)], 1047, 31, vision_ffn=4096, text_ffn=9728)
-    f36 = qr.encode_flops(spec, [(64, 64)], 1047, 36, vision_ffn=4096, text_ffn=9728)
+    spec = Qwen3VLSpec(patch_size=16, temporal_patch_size=2, merge_size=2, vision_hidden=1024, vision_heads=16,
+                       vision_depth=24, num_grid_per_side=48, deepstack_indexes=(5, 11, 17), num_layers=36,
+                       hidden=2560, heads=32, kv_heads=8, head_dim=128, rope_theta=5e6, mrope_section=(24, 20, 20),
+                       mrope_interleaved=True, rms_eps=1e-6, deepstack_after_record=True)
+    f31 = flops.encode_flops(spec, [(64, 64)], 1047, 31, vision_ffn=4096, text_ffn=9728)
+    f36 = flops.encode_flops(spec, [(64, 64)], 1047, 36, vision_ffn=4096, text_ffn=9728)
     assert 10.5e12 < f31["total"] < 11.5e12 and f36["text"] / f31["text"] == pytest.approx(36 / 31)
-    assert qr.batch_chunks(5, 4096, 8192) == [(0, 2), (2, 4), (4, 5)]
+    assert batch_chunks(5, 4096, 8192) == [(0, 2), (2, 4), (4, 5)]
+    images = [torch.zeros(64, 64, 3), torch.zeros(32, 64, 3), torch.zeros(64, 64, 3), torch.zeros(64, 64, 3)]
+    groups = same_size_batches(images, lambda h, w: h * w // 256, max_batch_tokens=32)
+    assert groups == [([0, 2, 3], [[0, 2], [3]]), ([1], [[1]])]
+
+
+def test_loader_reads_safetensors_only(hf_tiny_path, tmp_path, monkeypatch):
+    """A folder whose weights are a pickled pytorch_model.bin is refused before anything is unpickled."""
+    import shutil
+
+    pickled = tmp_path / "Qwen3-VL-bin"
+    shutil.copytree(hf_tiny_path, pickled)
+    for f in os.listdir(pickled):
+        if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"):
+            os.remove(pickled / f)
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called on a pickled checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ValueError, match=r"'Qwen3-VL-bin' has no \.safetensors weights \(it has pytorch_model\.bin\)"
+                                         r": this loader reads safetensors only"):
+        TransformersQwen3VL.from_pretrained(str(pickled))

@@ -93,3 +93,25 @@ def test_build_embeds_finds_image_spans_from_ids():
     states = [torch.full((1, 8, 4), float(i)) for i in range(5)]
     vl = extract.build_embeds(states, ids, 9, (6, 7), [1, 3], 4, source="x")
     assert vl.image_spans == ((2, 6),) and vl.layers == [1, 3] and torch.equal(vl.hidden[3], states[3])
+
+
+def test_require_finite_states_names_the_image_and_the_likely_cause():
+    good = make_embeds()
+    assert extract.require_finite_states(good, "image") is good
+    bad = make_embeds()
+    bad.hidden[31][0, 4, 2] = float("nan")
+    bad.hidden[35][0, 4] = float("inf")
+    image = torch.full((64, 64, 3), 1e30)
+    with pytest.raises(ValueError, match=r"input 'image', image 2 \(its pixels span 1e\+30\.\.1e\+30\): the Qwen3-VL "
+                                         r"forward gave 9 NaN/Inf hidden-state values.*outside \[0, 1\].*produced the image"):
+        extract.require_finite_states(bad, "image", 2, image)
+    with pytest.raises(ValueError, match=r"^input 'reference', image 0: .*gave 9 NaN/Inf.*pixel values outside \[0, 1\]"):
+        extract.require_finite_states(bad, "reference")
+
+
+def test_choice_errors_list_the_valid_values():
+    with pytest.raises(ValueError, match="unknown prompt placement 'middle': expected one of 'after_image', "
+                                         "'before_image'"):
+        extract.chat_pieces("p", 1, "middle")
+    with pytest.raises(ValueError, match="unknown token mode 'all'"):
+        extract.select_tokens(make_embeds(), "all")

@@ -65,3 +65,36 @@ def test_to_patches_layout_matches_merge_windows():
     # row 1 is the patch to its right within the same 2×2 merge window, row 2 the one below
     assert torch.allclose(patches[1].reshape(3, 2, 16, 16)[:, 0], (x[:16, 16:32].permute(2, 0, 1) - 0.5) / 0.5)
     assert torch.allclose(patches[2].reshape(3, 2, 16, 16)[:, 0], (x[16:32, :16].permute(2, 0, 1) - 0.5) / 0.5)
+
+
+def test_image_tokens_is_one_per_merged_patch():
+    assert preprocess.image_tokens(1024, 1024) == 1024
+    assert preprocess.image_tokens(64, 96) == 6
+    assert preprocess.image_tokens(64, 96, patch_size=16, merge_size=1) == 24
+    assert preprocess.image_tokens(1024, 768, 32, 1) == 32 * 24
+
+
+@pytest.mark.parametrize("h,w,expected", [(64, 96, (64, 96)), (50, 70, (64, 64)), (20, 20, (64, 64)),
+                                          (4000, 4000, (3584, 3584)), (33, 1000, (32, 992))])
+def test_qwen_vl_resize_is_comfyuis_rule(h, w, expected):
+    """Sides rounded to multiples of 32; scaled down past 12845056 px, up below 3136 px (ComfyUI's smart resize)."""
+    got = preprocess.qwen_vl_resize(h, w)
+    assert got == expected
+    assert got[0] % 32 == 0 and got[1] % 32 == 0
+    assert 3136 <= got[0] * got[1] <= 12845056
+
+
+def test_rgba_hint_names_a_core_node():
+    """The fix the alpha error suggests exists in ComfyUI 0.29: the core 'Split Image with Alpha' node."""
+    with pytest.raises(ValueError, match=r"'Split Image with Alpha' node \(SplitImageWithAlpha\)") as ei:
+        preprocess.check_image(img(64, 64, 4))
+    assert "Image RGB" not in str(ei.value)
+
+
+def test_fit_image_checks_plans_and_resizes():
+    picture = preprocess.fit_image(img(100, 300), 16, "fit_budget")
+    assert tuple(picture.shape) == (64, 192, 3) and preprocess.image_tokens(*picture.shape[:2]) <= 16
+    same = img(64, 64)
+    assert preprocess.fit_image(same, 1024, "fit_budget").data_ptr() == same[0].data_ptr()
+    with pytest.raises(ValueError, match="unknown resize policy 'crop'"):
+        preprocess.fit_image(same, 16, "crop")

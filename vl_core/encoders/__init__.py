@@ -1,4 +1,10 @@
-"""VL backends. Each implements the `VLEncoder` protocol over its own weights."""
+"""VL backends. Each implements the `VLEncoder` protocol over its own weights.
+
+transformers_qwen3vl.py: the transformers backend (no ComfyUI). The fast runner both backends use:
+qwen3vl_spec.py (sizes, conventions), qwen3vl_tables.py (RoPE / vision tables), weights.py (weight
+sources, owned outputs), graph_cache.py (CUDA graphs, released explicitly), batching.py (same-size
+batches, activation estimate), qwen3vl_runner.py (the forward). Token layout: vl_core/layout.py.
+"""
 from __future__ import annotations
 
 from typing import Protocol

@@ -21,215 +21,37 @@ i = output of decoder layer i-1, L = final normed output. DeepStack: transformer
 *before* the DeepStack vision features are added, ComfyUI *after*; `Qwen3VLSpec.deepstack_after_record`
 selects the backend's convention.
 
-Weights are read through a `WeightSource` (`get(module) -> (weight, bias, token)`, `release(...)`);
-the default `DirectWeights` uses the module's tensors (cast to the compute dtype / device only if they
-differ). The ComfyUI backend passes one that goes through ComfyUI's own weight casting for modules it
-manages (lowvram / dynamic VRAM / LoRA weight functions).
+Weights are read through a weight source (weights.py: `get(module) -> (weight, bias, token)`,
+`release(...)`); the default `DirectWeights` uses the module's tensors (cast to the compute dtype / device
+only if they differ). The ComfyUI backend passes one that goes through ComfyUI's own weight casting for
+modules it manages (lowvram / dynamic VRAM / LoRA weight functions). Tables: qwen3vl_tables.py; CUDA
+graphs of repeated encodes: a GraphCache (graph_cache.py) the runner's owner creates and releases.
 """
 from __future__ import annotations
 
-import logging
+import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import preprocess
+from ..checks import require_choice
+from .graph_cache import GraphCache
+from .qwen3vl_spec import Qwen3VLSpec, UnsupportedModel
+from .qwen3vl_tables import mrope_positions, signed_sin, text_rope, vision_tables
+from .weights import DirectWeights, normalize_device
 
 SDPA_MODES = ("auto", "cudnn", "flash", "efficient", "math")
 
 
-class UnsupportedModel(ValueError):
-    """The modules do not have the layout / configuration this runner implements."""
-
-
-@dataclass(frozen=True)
-class Qwen3VLSpec:
-    # vision tower
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-    vision_hidden: int
-    vision_heads: int
-    vision_depth: int
-    num_grid_per_side: int
-    deepstack_indexes: tuple[int, ...]
-    # language model
-    num_layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    rope_theta: float
-    mrope_section: tuple[int, int, int]
-    mrope_interleaved: bool
-    rms_eps: float
-    # conventions of the backend the weights come from
-    deepstack_after_record: bool      # True: ComfyUI (records layer i after DeepStack add of layer i-1)
-    vision_rope_theta: float = 10000.0
-    image_mean: float = 0.5
-    image_std: float = 0.5
-
-    @property
-    def vision_head_dim(self) -> int:
-        return self.vision_hidden // self.vision_heads
-
-
-# ---------------------------------------------------------------------------------------------- weights
-
-class DirectWeights:
-    """The modules' own tensors, cast to (dtype, device) per use only where they differ."""
-
-    graph_safe = True     # reads only the modules' tensors: a CUDA graph may capture it
-
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype = dtype
-        self.device = normalize_device(device)
-
-    def _fit(self, t):
-        if t is None:
-            return None
-        if t.dtype != self.dtype or t.device != self.device:
-            t = t.to(self.device, self.dtype, non_blocking=True)
-        return t
-
-    def get(self, module):
-        return self._fit(module.weight), self._fit(getattr(module, "bias", None)), None
-
-    def release(self, module, weight, bias, token) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------- tables (CPU)
-
-def mrope_positions(input_ids: Sequence[int], image_pad_id: int, merged_grids: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """[3, N] T/H/W MRoPE positions (Qwen2/3-VL rule, = HF get_rope_index = ComfyUI qwen2vl_mrope_position_ids).
-
-    Text runs sequentially; the k-th run of image pads gets (t, h, w) = (p, p + row, p + col) over its
-    merged grid (mh, mw), p = the position the run starts at; text after it resumes at p + max(mh, mw).
-    """
-    ids = list(input_ids)
-    out = torch.empty(3, len(ids), dtype=torch.long)
-    pos, i, k = 0, 0, 0
-    while i < len(ids):
-        if ids[i] != image_pad_id:
-            out[:, i] = pos
-            pos += 1
-            i += 1
-            continue
-        if k >= len(merged_grids):
-            raise ValueError("more image-pad runs than images")
-        mh, mw = merged_grids[k]
-        n = mh * mw
-        if ids[i:i + n] != [image_pad_id] * n:
-            raise ValueError(f"image {k}: expected {n} consecutive image pads")
-        out[0, i:i + n] = pos
-        out[1, i:i + n] = (torch.arange(mh) + pos).repeat_interleave(mw)
-        out[2, i:i + n] = (torch.arange(mw) + pos).repeat(mh)
-        pos += max(mh, mw)
-        i += n
-        k += 1
-    if k != len(merged_grids):
-        raise ValueError(f"{len(merged_grids)} images but {k} image-pad runs")
-    return out
-
-
-def text_rope(positions: torch.Tensor, spec: Qwen3VLSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [N, head_dim] float32 for MRoPE positions [3, N] (interleaved or sectioned)."""
-    hd = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    freqs = positions.float()[:, :, None] * inv_freq[None, None, :]          # [3, N, hd/2]
-    sec = spec.mrope_section
-    if spec.mrope_interleaved:
-        f = freqs[0].clone()
-        for axis, offset in ((1, 1), (2, 2)):
-            idx = slice(offset, sec[axis] * 3, 3)
-            f[:, idx] = freqs[axis][:, idx]
-        emb = torch.cat((f, f), dim=-1)
-        return emb.cos(), emb.sin()
-    emb = torch.cat((freqs, freqs), dim=-1)                                   # [3, N, hd]
-    cos, sin = emb.cos(), emb.sin()
-    split = list(sec) * 2
-    cos = torch.cat([c[i % 3] for i, c in enumerate(cos.split(split, dim=-1))], dim=-1)
-    sin = torch.cat([s[i % 3] for i, s in enumerate(sin.split(split, dim=-1))], dim=-1)
-    return cos, sin
-
-
-def vision_tables(gh: int, gw: int, spec: Qwen3VLSpec):
-    """CPU tables for one (gh, gw) patch grid, patches in merge-window order:
-    (pos-embed taps [P, 4] long, tap weights [P, 4] float32, rotary cos [P, hd], sin [P, hd] float32)."""
-    m, side = spec.merge_size, spec.num_grid_per_side
-    r = torch.arange(gh).view(gh // m, m, 1, 1).expand(gh // m, m, gw // m, m)
-    c = torch.arange(gw).view(1, 1, gw // m, m).expand(gh // m, m, gw // m, m)
-    row = r.permute(0, 2, 1, 3).reshape(-1)      # merge-window order: (block_row, block_col, in_row, in_col)
-    col = c.permute(0, 2, 1, 3).reshape(-1)
-
-    def taps(index, size):   # bilinear, align_corners=True over `side` table entries (= ComfyUI linspace)
-        src = index.float() * (side - 1) / max(size - 1, 1)
-        lo = src.floor()
-        w1 = src - lo
-        lo = lo.long().clamp(0, side - 1)
-        hi = (lo + 1).clamp(max=side - 1)
-        return lo, hi, 1.0 - w1, w1
-
-    h0, h1, wh0, wh1 = taps(row, gh)
-    w0, w1_, ww0, ww1 = taps(col, gw)
-    idx = torch.stack([h0 * side + w0, h0 * side + w1_, h1 * side + w0, h1 * side + w1_], dim=1)
-    wts = torch.stack([wh0 * ww0, wh0 * ww1, wh1 * ww0, wh1 * ww1], dim=1)
-
-    rot_dim = spec.vision_head_dim // 2
-    inv_freq = 1.0 / (spec.vision_rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float) / rot_dim))
-    freqs = torch.cat([row.float()[:, None] * inv_freq, col.float()[:, None] * inv_freq], dim=-1)   # [P, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return idx, wts, emb.cos(), emb.sin()
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """[-sin[..., :half], sin[..., half:]]: rotate_half folded into the sine table."""
-    half = sin.shape[-1] // 2
-    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-
-def encode_flops(spec: Qwen3VLSpec, grids: Sequence[tuple[int, int]], num_tokens: int, deepest: int,
-                 batch: int = 1, vision_ffn: int | None = None, text_ffn: int | None = None,
-                 vision_out: int | None = None) -> dict[str, float]:
-    """Matmul + attention FLOPs of one runner forward (2 per multiply-add; causal attention counted half).
-
-    grids: (gh, gw) patch grid of each image of one sequence; the LM runs `deepest` layers (all when
-    deepest == num_layers). Returns {"vision", "text", "total"} for `batch` sequences.
-    """
-    hv = spec.vision_hidden
-    ffv = vision_ffn or 4 * hv
-    out = vision_out or spec.hidden
-    cin = 3 * spec.temporal_patch_size * spec.patch_size ** 2
-    vision = 0.0
-    for gh, gw in grids:
-        p = gh * gw
-        vision += 2 * p * cin * hv
-        vision += spec.vision_depth * (2 * p * hv * 3 * hv + 4 * p * p * hv + 2 * p * hv * hv + 4 * p * hv * ffv)
-        q = p // spec.merge_size ** 2
-        md = hv * spec.merge_size ** 2
-        vision += (1 + len(spec.deepstack_indexes)) * (2 * q * md * md + 2 * q * md * out)
-    n, d, hd = num_tokens, spec.hidden, spec.head_dim
-    ff = text_ffn or 4 * d
-    per_layer = (2 * n * d * spec.heads * hd + 4 * n * d * spec.kv_heads * hd + 2 * n * spec.heads * hd * d
-                 + 2 * n * n * spec.heads * hd + 6 * n * d * ff)
-    text = per_layer * min(deepest, spec.num_layers)
-    return {"vision": vision * batch, "text": text * batch, "total": (vision + text) * batch}
-
-
-# ---------------------------------------------------------------------------------------------- runner
 
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)   # enable_gqa
 
 
-def _sdpa_context(mode: str, device: torch.device):
-    import contextlib
-
+def sdpa_context(mode: str, device: torch.device):
+    """Restrict SDPA to the kernels of `mode` (in priority order) on a GPU; "auto" (and the CPU): torch's choice."""
     if mode == "auto" or device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -245,28 +67,6 @@ def _sdpa_context(mode: str, device: torch.device):
         return sdpa_kernel(order)
 
 
-_TABLES: OrderedDict = OrderedDict()
-_GRAPHS: OrderedDict = OrderedDict()     # key -> captured graph with its static buffers
-_GRAPH_SEEN: dict = {}                   # key -> eager runs so far
-GRAPH_CACHE = 2
-_GRAPH_STATE = {"broken": False}         # set when a capture failed: eager from then on
-_LOG = logging.getLogger("comfyui-zimage-vl")
-
-
-def release_graphs() -> None:
-    """Drop every captured CUDA graph (and the memory pools they hold)."""
-    _GRAPHS.clear()
-    _GRAPH_SEEN.clear()
-
-
-def normalize_device(device) -> torch.device:
-    """cuda → cuda:<current index> (tensors always report an index; torch.device("cuda") != "cuda:0")."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 class Qwen3VLRunner:
     """Runs a Qwen3-VL's `visual` and language model (`embed_tokens`, `layers`, `norm`) module objects.
 
@@ -277,9 +77,8 @@ class Qwen3VLRunner:
     TABLE_CACHE = 32
 
     def __init__(self, visual, language_model, spec: Qwen3VLSpec, dtype: torch.dtype, device,
-                 weights=None, sdpa: str = "auto", graphs: bool = True):
-        if sdpa not in SDPA_MODES:
-            raise ValueError(f"sdpa must be one of {SDPA_MODES}, got {sdpa!r}")
+                 weights=None, sdpa: str = "auto", graphs: GraphCache | None = None):
+        require_choice("sdpa mode", sdpa, SDPA_MODES)
         self.visual = visual
         self.lm = language_model
         self.spec = spec
@@ -287,8 +86,8 @@ class Qwen3VLRunner:
         self.device = normalize_device(device)
         self.weights = weights if weights is not None else DirectWeights(dtype, self.device)
         self.sdpa = sdpa
-        self.graphs = graphs
-        self._tables = _TABLES          # shared by all runners: pure functions of (spec, grid, device, dtype)
+        self.graphs = graphs            # CUDA graphs of repeated encodes (None: always eager)
+        self._tables: OrderedDict = OrderedDict()     # vision tables per (grid, device, dtype), on the device
 
     @property
     def _gqa(self) -> bool:
@@ -477,20 +276,22 @@ class Qwen3VLRunner:
 
         key = self._graph_key(ids, images, wanted) if self._graphs_possible() else None
         if key is not None:
-            out = self._replay(key, images)
+            out = self.graphs.replay(key, images)
             if out is not None:
                 return out
         tables = self._tables_for(ids, image_pad_id, grids)
-        if key is not None and _GRAPH_SEEN.get(key, 0) >= 1:     # second time this exact encode: capture it
-            out = self._capture(key, tables, images, wanted)
+        if key is not None and self.graphs.ran_before(key):     # second time this exact encode: capture it
+            keep = (tables, [self._vision_tables(int(im.shape[1]) // s.patch_size, int(im.shape[2]) // s.patch_size)
+                             for im in images])
+            out = self.graphs.capture(key, self.device, lambda static: self._forward_on(tables, static, wanted),
+                                      images, keep=keep, cancelled=lambda: getattr(self.weights, "used_cast", False))
             if out is not None:
                 return out
-        if key is not None:
-            _GRAPH_SEEN[key] = _GRAPH_SEEN.get(key, 0) + 1
-            while len(_GRAPH_SEEN) > 64:
-                _GRAPH_SEEN.pop(next(iter(_GRAPH_SEEN)))
-        with torch.inference_mode(), _sdpa_context(self.sdpa, self.device):
-            return self._device_forward(tables, [im.to(self.device, non_blocking=True) for im in images], wanted)
+        return self._forward_on(tables, [im.to(self.device, non_blocking=True) for im in images], wanted)
+
+    def _forward_on(self, tables, images: list[torch.Tensor], wanted: list[int]) -> dict[int, torch.Tensor]:
+        with torch.inference_mode(), sdpa_context(self.sdpa, self.device):
+            return self._device_forward(tables, images, wanted)
 
     def _tables_for(self, ids: list[int], image_pad_id: int, grids) -> tuple:
         """All host-side tables first, then one copy each: no synchronisation inside the forward."""
@@ -528,15 +329,12 @@ class Qwen3VLRunner:
             ds_feats = [torch.cat([d[j] for d in deep], dim=1) for j in range(len(s.deepstack_indexes))]
         return self._decoder(x, cos, sin, image_pos, ds_feats, wanted)
 
-    # ------------------------------------------------------------------ CUDA graphs
-    # An encode is ~1100 small kernel launches: on a GPU the forward is bound by the host launching them.
-    # The second time an identical encode (same ids, image sizes, layers, weights at the same addresses)
-    # runs, it is captured as a CUDA graph; later ones copy the new pixels into the graph's input buffers
-    # and replay it. Only with plain resident weights (no per-call casting), never on the CPU.
+    # ------------------------------------------------------------------ CUDA graphs (graph_cache.py)
+    # Only with plain resident weights (no per-call casting), never on the CPU.
 
     def _graphs_possible(self) -> bool:
-        return (self.graphs and not _GRAPH_STATE["broken"] and self.device.type == "cuda"
-                and getattr(self.weights, "graph_safe", False) and not torch.cuda.is_current_stream_capturing())
+        return (self.graphs is not None and self.graphs.usable(self.device)
+                and getattr(self.weights, "graph_safe", False))
 
     def _graph_key(self, ids, images, wanted):
         params = getattr(self, "_param_list", None)
@@ -548,42 +346,6 @@ class Qwen3VLRunner:
             return None
         return (id(self.visual), self.spec, self.dtype, self.device, self.sdpa, tuple(ids),
                 tuple(tuple(im.shape) for im in images), tuple(wanted), sig)
-
-    def _replay(self, key, images):
-        g = _GRAPHS.get(key)
-        if g is None:
-            return None
-        _GRAPHS.move_to_end(key)
-        for buf, im in zip(g["images"], images):
-            buf.copy_(im, non_blocking=True)
-        g["graph"].replay()
-        return {layer: t.clone() for layer, t in g["outputs"].items()}
-
-    def _capture(self, key, tables, images, wanted):
-        try:
-            static = [im.to(self.device).clone() for im in images]
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream), torch.inference_mode(), _sdpa_context(self.sdpa, self.device):
-                self._device_forward(tables, static, wanted)           # warm-up (allocator, cuBLAS, cuDNN plans)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            if getattr(self.weights, "used_cast", False):
-                return None
-            keep = [self._vision_tables(int(im.shape[1]) // self.spec.patch_size,
-                                        int(im.shape[2]) // self.spec.patch_size) for im in images]
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), _sdpa_context(self.sdpa, self.device):
-                with torch.cuda.graph(graph):
-                    outputs = self._device_forward(tables, static, wanted)
-        except Exception as e:  # noqa: BLE001 - capture is an optimisation: fall back to eager
-            _GRAPH_STATE["broken"] = True
-            _LOG.warning("Qwen3-VL runner: CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e)
-            return None
-        _GRAPHS[key] = {"graph": graph, "images": static, "outputs": outputs, "tables": tables, "keep": keep}
-        while len(_GRAPHS) > GRAPH_CACHE:
-            _GRAPHS.popitem(last=False)
-        graph.replay()
-        return {layer: t.clone() for layer, t in outputs.items()}
 
     def _decoder(self, x, cos, sin, image_pos, ds_feats, wanted):
         s, lm = self.spec, self.lm
@@ -626,36 +388,3 @@ class Qwen3VLRunner:
         if L in want:
             out[L] = self._rms_norm(lm.norm, x)
         return out
-
-
-PINNED_OUTPUT_MAX_BYTES = 64 * 2 ** 20
-
-
-def to_output(t: torch.Tensor, device) -> torch.Tensor:
-    """float32 copy of a result on `device` that the caller owns (never an inference tensor). GPU → CPU goes
-    through a pinned buffer (one fast DMA instead of a pageable copy) for results up to 64 MiB."""
-    device = torch.device(device)
-    if t.device.type == "cuda" and device.type == "cpu" and t.numel() * 4 <= PINNED_OUTPUT_MAX_BYTES:
-        out = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
-        out.copy_(t, non_blocking=True)
-        torch.cuda.current_stream(t.device).synchronize()
-        return out
-    out = t.to(device, torch.float32)
-    if out is t or out.is_inference():
-        out = out.clone()
-    return out
-
-
-def batch_chunks(count: int, tokens_per_item: int, max_tokens: int = 65536) -> list[tuple[int, int]]:
-    """[start, end) chunks of `count` items with at most max(1, max_tokens // tokens_per_item) items each."""
-    per = max(1, max_tokens // max(1, tokens_per_item))
-    return [(i, min(count, i + per)) for i in range(0, count, per)]
-
-
-def merged_tokens(h: int, w: int, spec: Qwen3VLSpec) -> int:
-    return (h // spec.patch_size) * (w // spec.patch_size) // spec.merge_size ** 2
-
-
-__all__ = ["Qwen3VLSpec", "Qwen3VLRunner", "DirectWeights", "UnsupportedModel", "mrope_positions", "text_rope",
-           "vision_tables", "encode_flops", "batch_chunks", "merged_tokens", "SDPA_MODES", "release_graphs",
-           "normalize_device", "to_output"]

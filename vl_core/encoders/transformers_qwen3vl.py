@@ -8,7 +8,7 @@ Layer numbering is Hugging Face's `output_hidden_states`: 0 = the decoder's inpu
 features merged in), i in 1..L-1 = the output of decoder layer i-1 as HF records it, L = the final
 normed output. Note HF records layer outputs *before* DeepStack adds the vision features of the first
 len(deepstack_visual_indexes) layers at the image positions (ComfyUI's native encoder records them
-after; see nodes/backends.py).
+after; see nodes/native_clip.py).
 
 Two engines:
 - "fast" (default where the model's layout is the known one): vl_core.encoders.qwen3vl_runner runs the
@@ -26,9 +26,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import extract, preprocess
+from .. import extract, layout, preprocess
+from ..checks import require_choice
 from ..types import VLEmbeds
-from .qwen3vl_runner import Qwen3VLRunner, Qwen3VLSpec, UnsupportedModel, batch_chunks, to_output
+from .batching import same_size_batches
+from .graph_cache import GraphCache
+from .qwen3vl_runner import Qwen3VLRunner
+from .qwen3vl_spec import Qwen3VLSpec, UnsupportedModel
+from .weights import to_output
 
 log = logging.getLogger("comfyui-zimage-vl")
 
@@ -68,42 +73,17 @@ def check_qwen3vl_folder(path: str) -> str:
     return path
 
 
-def tokenize_chat(tokenizer, before: str, text: str, after: str) -> tuple[list[int], tuple[int, int]]:
-    r"""Ids of the chat text before+text+after tokenized in one piece (as ComfyUI does), and the prompt's
-    [start, end) among them: the tokens overlapping the prompt's characters.
-
-    Exact also where a token straddles the boundary (a prompt starting with "\n" after "user\n" merges
-    into one "\n\n" token, so tokenizing the pieces separately would differ); such a token counts as prompt.
-    """
-    enc = tokenizer(before + text + after, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = [int(t) for t in enc["input_ids"]], enc["offset_mapping"]
-    c0, c1 = len(before), len(before) + len(text)
-    in_prompt = [i for i, (s, e) in enumerate(offsets) if s < c1 and e > c0 and e > s]
-    if in_prompt:
-        return ids, (in_prompt[0], in_prompt[-1] + 1)
-    n_before = len(tokenizer(before, add_special_tokens=False)["input_ids"])
-    return ids, (n_before, n_before)
-
-
-def expand_image_pads(raw_ids: Sequence[int], raw_span: tuple[int, int], image_pad_id: int,
-                      image_tokens: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Repeat the k-th image pad id image_tokens[k] times; map raw_span into the expanded sequence."""
-    counts = iter(image_tokens)
-    expanded: list[int] = []
-    starts: list[int] = []
-    for t in raw_ids:
-        starts.append(len(expanded))
-        if t == image_pad_id:
-            n = next(counts, None)
-            if n is None:
-                raise ValueError(f"more {extract.IMAGE_PAD} tokens than images")
-            expanded.extend([t] * n)
-        else:
-            expanded.append(t)
-    if next(counts, None) is not None:
-        raise ValueError(f"fewer {extract.IMAGE_PAD} tokens than images")
-    starts.append(len(expanded))
-    return torch.tensor(expanded, dtype=torch.long), (starts[raw_span[0]], starts[raw_span[1]])
+def check_safetensors_weights(path: str) -> None:
+    """ValueError unless the folder holds its weights as .safetensors (pickled .bin/.pt files are never loaded)."""
+    files = os.listdir(path)
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    name = os.path.basename(os.path.normpath(path))
+    pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    found = f"it has {', '.join(pickled[:3])}" if pickled else "it has no weight files"
+    raise ValueError(f"folder {name!r} has no .safetensors weights ({found}): this loader reads safetensors only "
+                     "(pickled PyTorch files can run code when loaded); download the safetensors release of "
+                     "Qwen3-VL-4B-Instruct or convert the weights to .safetensors")
 
 
 def _cfg(config, name, default=None):
@@ -140,6 +120,12 @@ def spec_from_hf_config(config) -> Qwen3VLSpec:
         vision_rope_theta=float(vrope.get("rope_theta", 10000.0)))
 
 
+def _require_picture(k: int, image) -> None:
+    if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
+                         f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+
+
 class TransformersQwen3VL:
     """`VLEncoder` over a `transformers` Qwen3VLForConditionalGeneration and its tokenizer.
 
@@ -149,12 +135,10 @@ class TransformersQwen3VL:
     """
 
     def __init__(self, model, tokenizer, source: str = "", output_device: torch.device | str = "cpu",
-                 engine: str = "auto", sdpa: str = "auto", graphs: bool = True):
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+                 engine: str = "auto", graphs: bool = True):
+        require_choice("engine", engine, ENGINES)
         self.engine = engine
-        self.sdpa = sdpa
-        self.graphs = graphs          # CUDA graph replay of repeated identical encodes (GPU only)
+        self.graphs = GraphCache() if graphs else None   # CUDA graph replay of repeated identical encodes (GPU)
         self._runner: Qwen3VLRunner | None = None
         self._fast_error: str | None = None
         config = model.config
@@ -182,12 +166,13 @@ class TransformersQwen3VL:
                         device: torch.device | str = "cpu", engine: str = "auto") -> "TransformersQwen3VL":
         """Load a local Hugging Face Qwen3-VL folder offline (no remote code, SDPA attention).
 
-        dtype None keeps the checkpoint's dtype. Refuses (ValueError) a missing folder or one whose
-        config.json is not model_type "qwen3_vl".
+        dtype None keeps the checkpoint's dtype. Refuses (ValueError) a missing folder, one whose
+        config.json is not model_type "qwen3_vl", and one without .safetensors weights (safetensors only).
         """
         from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
         path = check_qwen3vl_folder(path)
+        check_safetensors_weights(path)
         name = os.path.basename(os.path.normpath(path))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -196,7 +181,7 @@ class TransformersQwen3VL:
                              "files (tokenizer.json or vocab.json + merges.txt)") from e
         try:
             model = Qwen3VLForConditionalGeneration.from_pretrained(
-                path, dtype=dtype if dtype is not None else "auto", local_files_only=True,
+                path, dtype=dtype if dtype is not None else "auto", local_files_only=True, use_safetensors=True,
                 attn_implementation="sdpa")
         except OSError as e:
             raise ValueError(f"folder {name!r}: cannot load the Qwen3-VL weights ({e})") from e
@@ -222,13 +207,9 @@ class TransformersQwen3VL:
     def tokenize(self, prompt: str, num_images: int, placement: str,
                  image_tokens: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
         """(expanded ids [N] with image_tokens[k] pad ids for image k, prompt span in them)."""
-        before, text, after = extract.chat_pieces(prompt, num_images, placement)
-        raw_ids, raw_span = tokenize_chat(self.tokenizer, before, text, after)
-        found = sum(1 for t in raw_ids if t == self.image_pad_id)
-        if found != num_images:
-            raise ValueError(f"the chat text holds {found} {extract.IMAGE_PAD} tokens for {num_images} image(s): "
-                             f"remove {extract.IMAGE_PAD} / vision tokens from the prompt")
-        return expand_image_pads(raw_ids, raw_span, self.image_pad_id, image_tokens)
+        if len(image_tokens) != num_images:
+            raise ValueError(f"{len(image_tokens)} image token counts for {num_images} image(s)")
+        return layout.chat_layout(self.tokenizer, prompt, placement, self.image_pad_id, image_tokens)
 
     # ------------------------------------------------------------------ fast engine
 
@@ -241,7 +222,7 @@ class TransformersQwen3VL:
             try:
                 spec = spec_from_hf_config(self.model.config)
                 inner = self.model.model
-                runner = Qwen3VLRunner(inner.visual, inner.language_model, spec, torch.float32, "cpu", sdpa=self.sdpa,
+                runner = Qwen3VLRunner(inner.visual, inner.language_model, spec, torch.float32, "cpu",
                                        graphs=self.graphs)
                 runner.check()
                 self._runner = runner
@@ -264,25 +245,25 @@ class TransformersQwen3VL:
 
     def _check_images(self, images: Sequence[torch.Tensor]) -> None:
         for k, image in enumerate(images):
-            if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
-                                 f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+            _require_picture(k, image)
             unit = self.patch_size * self.merge_size
             if image.shape[0] % unit or image.shape[1] % unit:
                 raise ValueError(f"image size {image.shape[1]}×{image.shape[0]} must be a multiple of {unit} px")
 
     def _image_tokens(self, images: Sequence[torch.Tensor]) -> list[int]:
-        return [(int(im.shape[0]) // self.patch_size) * (int(im.shape[1]) // self.patch_size) // self.merge_size ** 2
-                for im in images]
+        return [preprocess.image_tokens(im.shape[0], im.shape[1], self.patch_size, self.merge_size) for im in images]
+
+    def release_graphs(self) -> None:
+        """Drop this encoder's captured CUDA graphs (their memory pools with them)."""
+        if self.graphs is not None:
+            self.graphs.release()
 
     def _patches(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not images:
             return None, None
         pixels, grids = [], []
         for k, image in enumerate(images):
-            if not torch.is_tensor(image) or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"image {k} must be [H, W, 3] (use vl_core.preprocess.check_image), "
-                                 f"got {tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+            _require_picture(k, image)
             pv, grid = preprocess.to_patches(image, self.patch_size, self.temporal_patch_size, self.merge_size)
             pixels.append(pv)
             grids.append(grid)
@@ -369,14 +350,10 @@ class TransformersQwen3VL:
         self._check_images(images)
         layers = extract.check_resolved_layers(layers, self.num_layers)
         results: list[VLEmbeds | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault((int(im.shape[0]), int(im.shape[1])), []).append(i)
-        for (h, w), members in groups.items():
-            input_ids, prompt_span = self.tokenize(prompt, 1, placement, self._image_tokens([images[members[0]]]))
-            patches = (h // self.patch_size) * (w // self.patch_size)
-            for a, b in batch_chunks(len(members), patches, max_batch_tokens):
-                chunk = members[a:b]
+        for group, chunks in same_size_batches(images, lambda h, w: (h // self.patch_size) * (w // self.patch_size),
+                                               max_batch_tokens):
+            input_ids, prompt_span = self.tokenize(prompt, 1, placement, self._image_tokens([images[group[0]]]))
+            for chunk in chunks:
                 batch = torch.stack([images[i] for i in chunk])
                 hidden = runner.forward(input_ids.tolist(), self.image_pad_id, [batch], layers)
                 for row, i in enumerate(chunk):
@@ -386,8 +363,6 @@ class TransformersQwen3VL:
 
     def _encode_hf(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         pixel_values, grid_thw = self._patches(images)
-        unit = self.merge_size ** 2
-        image_tokens = [] if grid_thw is None else [int(g.prod()) // unit for g in grid_thw]
-        input_ids, prompt_span = self.tokenize(prompt, len(images), placement, image_tokens)
+        input_ids, prompt_span = self.tokenize(prompt, len(images), placement, self._image_tokens(images))
         hidden = self.hidden_states(input_ids, pixel_values, grid_thw, layers)
         return self._finish(hidden, input_ids, prompt_span, prompt, placement, images)

@@ -1,0 +1,91 @@
+"""CUDA graphs of repeated identical encodes, owned by one cache object (no module state).
+
+An encode is ~1100 small kernel launches: on a GPU the forward is bound by the host launching them.
+The second time an identical encode (same key: ids, image sizes, layers, weights at the same addresses)
+runs, it is captured as a CUDA graph; later ones copy the new pixels into the graph's input buffers and
+replay it. `release()` drops every graph and the memory pools they hold (call it when the model is
+offloaded). A failed capture switches the cache off for good: eager from then on.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+log = logging.getLogger("comfyui-zimage-vl")
+
+
+class GraphCache:
+    """Up to `capacity` captured graphs (least recently used evicted) and which keys ran eagerly once."""
+
+    def __init__(self, capacity: int = 2, seen_capacity: int = 64):
+        self.capacity = capacity
+        self.seen_capacity = seen_capacity
+        self.broken = False                       # a capture failed: never try again
+        self._graphs: OrderedDict = OrderedDict()  # key -> {"graph", "images", "outputs", "keep"}
+        self._seen: dict = {}                      # key -> eager runs so far
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def usable(self, device: torch.device) -> bool:
+        """Graphs can run here: a CUDA device, no failed capture, not inside someone else's capture."""
+        return not self.broken and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+    def replay(self, key: Hashable, images: Sequence[torch.Tensor]) -> dict | None:
+        """The outputs (owned copies) of the graph captured under `key` run on `images`; None if there is none."""
+        g = self._graphs.get(key)
+        if g is None:
+            return None
+        self._graphs.move_to_end(key)
+        for buf, im in zip(g["images"], images):
+            buf.copy_(im, non_blocking=True)
+        g["graph"].replay()
+        return {layer: t.clone() for layer, t in g["outputs"].items()}
+
+    def ran_before(self, key: Hashable) -> bool:
+        """True if `key` already ran eagerly (capture it now); otherwise counts this eager run."""
+        if self._seen.get(key, 0) >= 1:
+            return True
+        self._seen[key] = self._seen.get(key, 0) + 1
+        while len(self._seen) > self.seen_capacity:
+            self._seen.pop(next(iter(self._seen)))
+        return False
+
+    def capture(self, key: Hashable, device: torch.device, forward: Callable[[list[torch.Tensor]], dict],
+                images: Sequence[torch.Tensor], keep: tuple = (),
+                cancelled: Callable[[], bool] = lambda: False) -> dict | None:
+        """Capture forward(static images) under `key` and return its outputs, or None (then run eagerly).
+
+        A warm-up run on a side stream first (allocator, cuBLAS, cuDNN plans); `cancelled()` after it can
+        refuse the capture (e.g. a weight needed a per-call cast). `keep`: tensors the graph reads that
+        must outlive it (its tables).
+        """
+        try:
+            static = [im.to(device).clone() for im in images]
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                forward(static)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            if cancelled():
+                return None
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = forward(static)
+        except Exception as e:  # noqa: BLE001 - capture is an optimisation: fall back to eager
+            self.broken = True
+            log.warning("Qwen3-VL runner: CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e)
+            return None
+        self._graphs[key] = {"graph": graph, "images": static, "outputs": outputs, "keep": keep}
+        while len(self._graphs) > self.capacity:
+            self._graphs.popitem(last=False)
+        graph.replay()
+        return {layer: t.clone() for layer, t in outputs.items()}
+
+    def release(self) -> None:
+        """Drop every captured graph (and the memory pools they hold) and the eager-run counts."""
+        self._graphs.clear()
+        self._seen.clear()
