@@ -9,6 +9,7 @@ from .encode import LoadQwen3VL, VLEncode
 from .injection import DiTInjection
 from .inspect import VLInspect
 from .io import LoadVLEmbeds, SaveVLEmbeds, register_folder
+from .metrics import ArtifactScore, ColourSimilarity, SemanticSimilarity
 
 
 class ZImageVLExtension(ComfyExtension):
@@ -18,4 +19,4 @@ class ZImageVLExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
-                DiTInjection]
+                DiTInjection, ColourSimilarity, ArtifactScore, SemanticSimilarity]
