@@ -45,22 +45,24 @@ def _pair_batches(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) ->
 # --------------------------------------------------------------------------- colour
 
 def lab_histograms(images: torch.Tensor, bins: int) -> torch.Tensor:
-    """Per-channel CIELAB histograms [B, 3, bins], each summing to 1: counts of ⌊(x − lo)/(hi − lo)·bins⌋."""
+    """Per-channel CIELAB histograms [B, 3, bins], each summing to 1, linearly binned: a value at position
+    p = (x − lo)/(hi − lo)·(bins − 1) gives 1 − frac(p) to bin ⌊p⌋ and frac(p) to the next (no jumps at bin edges)."""
+    if int(bins) < 2:
+        raise ValueError(f"bins must be at least 2, got {bins}")
     try:  # ComfyUI installs kornia (a "non essential" requirement): the pack still loads without it
         import kornia.color
     except ImportError:
         raise ValueError("the colour metric needs kornia: pip install 'kornia>=0.7.1' in ComfyUI's "
                          "environment (ComfyUI's requirements.txt lists it)") from None
-
-    if int(bins) < 2:
-        raise ValueError(f"bins must be at least 2, got {bins}")
     rgb = check_images("image", images)
-    lab = kornia.color.rgb_to_lab(rgb.movedim(-1, 1))  # [B, 3, H, W]
-    lo = torch.tensor([r[0] for r in LAB_RANGES], device=lab.device).view(1, 3, 1, 1)
-    hi = torch.tensor([r[1] for r in LAB_RANGES], device=lab.device).view(1, 3, 1, 1)
-    index = ((lab - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long().flatten(2)  # [B, 3, HW]
-    counts = torch.zeros(*index.shape[:2], int(bins), device=lab.device).scatter_add_(
-        2, index, torch.ones_like(index, dtype=torch.float32))
+    lab = kornia.color.rgb_to_lab(rgb.movedim(-1, 1)).flatten(2)  # [B, 3, HW]
+    lo = torch.tensor([r[0] for r in LAB_RANGES], device=lab.device).view(1, 3, 1)
+    hi = torch.tensor([r[1] for r in LAB_RANGES], device=lab.device).view(1, 3, 1)
+    pos = ((lab - lo) / (hi - lo)).clamp(0, 1) * (bins - 1)
+    left = pos.floor().clamp(max=bins - 2)
+    frac = pos - left
+    counts = torch.zeros(*lab.shape[:2], int(bins), device=lab.device)
+    counts.scatter_add_(2, left.long(), 1.0 - frac).scatter_add_(2, left.long() + 1, frac)
     return counts / counts.sum(-1, keepdim=True)
 
 
