@@ -105,8 +105,9 @@ def grid_image(path: Path, out: Path, rows: list[dict], axes, seeds) -> None:
             x, r = left_w + c * CELL_PX, by_cell.get((v, rk))
             if r and r["status"] == "ok" and r["images"]:
                 with Image.open(out / r["images"][0]) as im:
-                    im = im.convert("RGB")
-                    im.thumbnail((CELL_PX - 4, CELL_PX - 4))
+                    scale = (CELL_PX - 4) / max(im.size)  # small images are enlarged, large ones reduced
+                    im = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                                                  Image.LANCZOS)
                     canvas.paste(im, (x + 2, y + 2))
                 captions = [f"{_short(m, metric_names(rows))}={r['metrics'][m]:.3f}" for m in metrics if m in r["metrics"]]
             else:
