@@ -22,6 +22,7 @@ from .client import PromptRefused, Server, ServerDown
 
 STATE_FILE = "state.json"
 RESULTS_FILE = "results.jsonl"
+LOG_FILE = "sweep.log"
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 POLL_S = 1.0
 
@@ -116,6 +117,13 @@ class _Runner:
         self.out = run.spec.out
 
     # -- bookkeeping -------------------------------------------------------------------
+    def log(self, text: str, *, show: bool = False) -> None:
+        """One line in sweep.log (submissions, adoptions, servers lost and back); `show` also prints it."""
+        with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        if show and self.run.bar is not None:
+            self.run.bar.write(f"sweep: {text}")
+
     def save_state(self) -> None:
         _write_json_atomic(self.out / STATE_FILE, self.run.state)
 
@@ -177,17 +185,23 @@ class _Runner:
 
     async def execute(self, server: Server, job: G.Job, pid: str | None) -> None:
         flight = self.run.state["in_flight"]
-        if pid is not None and not await server.queued(pid):  # adopted from a killed runner: ask first
-            entry = await server.history(pid)
-            if entry is not None:
-                return await self.record(server, job, pid, entry, None)
-            pid = None  # the server never got it (or lost it): submit now
+        if pid is not None:  # in flight when an earlier runner was killed: ask the server before resubmitting
+            if await server.queued(pid):
+                self.log(f"adopt {job.key} on {server.url}: prompt {pid} still queued")
+            else:
+                entry = await server.history(pid)
+                if entry is not None:
+                    self.log(f"adopt {job.key} on {server.url}: prompt {pid} found in /history")
+                    return await self.record(server, job, pid, entry, None)
+                self.log(f"adopt {job.key} on {server.url}: prompt {pid} unknown to the server, submitting")
+                pid = None
         if pid is None:
             pid = str(uuid.uuid4())
             flight[job.key] = {"server": server.url, "prompt_id": pid, "submitted_at": time.time()}
             self.save_state()  # before the POST: a kill right after it still knows the prompt id
             prompt = G.apply(self.run.spec.workflow, self.run.axes, job, self.run.seeds_to)
             await server.submit(prompt, pid, {"zimage_vl_sweep_key": job.key})
+            self.log(f"submit {job.key} ({job.label()}) to {server.url} as {pid}")
         started = flight[job.key].get("submitted_at") or time.time()
         entry = await self.wait(server, pid, started + self.run.spec.job_timeout_s)
         await self.record(server, job, pid, entry, None)
@@ -197,7 +211,8 @@ class _Runner:
         attempt = 0
         while not self.finished():
             if await server.alive():
-                self.run.down_since.pop(server.url, None)
+                if self.run.down_since.pop(server.url, None) is not None:
+                    self.log(f"server {server.url} back", show=True)
                 return
             self.run.down_since.setdefault(server.url, time.time())
             if len(self.run.down_since) == len(self.servers) and \
@@ -214,17 +229,18 @@ class _Runner:
                 job, pid = adopted.pop()
             else:
                 try:
-                    job, pid = await asyncio.wait_for(self.run.queue.get(), 0.5), None
+                    job, pid = await asyncio.wait_for(self.run.queue.get(), 0.5)
                 except asyncio.TimeoutError:
                     continue
             if job.key in self.run.results:
                 continue
             try:
                 await self.execute(server, job, pid)
-            except ServerDown:
+            except ServerDown as e:
                 self.run.state["in_flight"].pop(job.key, None)
                 self.save_state()
                 self.run.down_since.setdefault(server.url, time.time())
+                self.log(f"server {server.url} down ({e}); {job.key} requeued", show=True)
                 self.run.queue.put_nowait((job, None))  # another server (or this one, back) runs it
             except (PromptRefused, TimeoutError) as e:
                 await self.record(server, job, pid or "", None, str(e))
