@@ -132,6 +132,9 @@ class _Runner:
 
     async def record(self, server: Server, job: G.Job, pid: str, entry: dict | None, error: str | None) -> None:
         if job.key in self.run.results:  # a duplicate run (requeued after a server loss that had finished it)
+            if self.run.state["in_flight"].get(job.key, {}).get("prompt_id") == pid:
+                self.run.state["in_flight"].pop(job.key)
+                self.save_state()
             return
         flight = self.run.state["in_flight"].get(job.key, {})
         row = {"key": job.key, "label": job.label(), "params": dict(job.params), "seed": job.seed,
