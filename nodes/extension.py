@@ -7,6 +7,7 @@ from .blend import AdaIN, EmbeddingBlend, StyleDelta
 from .encode import LoadQwen3VL, VLEncode
 from .injection import DiTInjection
 from .inspector import VLInspect
+from .metrics import ArtifactScore, ColourSimilarity, SemanticSimilarity
 from .embedding_files import LoadVLEmbeds, SaveVLEmbeds, register_folder
 from .model_folders import register_folders
 
@@ -18,4 +19,4 @@ class ZImageVLExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
-                DiTInjection]
+                DiTInjection, ColourSimilarity, ArtifactScore, SemanticSimilarity]

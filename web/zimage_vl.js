@@ -2,7 +2,8 @@
 // in a read-only box on the node after it runs.
 import { app } from "../../scripts/app.js";
 
-const REPORTING_NODES = new Set(["ZImageVL_Inspect", "ZImageVL_SaveEmbeds"]);
+const REPORTING_NODES = new Set(["ZImageVL_Inspect", "ZImageVL_SaveEmbeds",
+  "ZImageVL_ColourSimilarity", "ZImageVL_ArtifactScore", "ZImageVL_SemanticSimilarity"]);
 const WIDGET_NAME = "zimage_vl_report";
 
 function reportBox(node) {

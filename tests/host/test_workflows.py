@@ -91,6 +91,20 @@ PACK_NODES = {
         "optional": {"conditioning"},
         "outputs": ["IMAGE", "STRING"],
     },
+    "ZImageVL_ColourSimilarity": {
+        "inputs": {"image": None, "reference": None, "bins": {"default": 64}},
+        "outputs": ["FLOAT", "FLOAT", "IMAGE"], "output_node": True,
+    },
+    "ZImageVL_ArtifactScore": {
+        "inputs": {"image": None, "period": {"default": 16}},
+        "outputs": ["FLOAT", "IMAGE"], "output_node": True,
+    },
+    "ZImageVL_SemanticSimilarity": {
+        "inputs": {"clip_vision": None, "image": None, "reference": None, "text_only": None, "clip": None,
+                   "text": {"default": ""}},
+        "optional": {"reference", "text_only", "clip", "text"},
+        "outputs": ["FLOAT", "FLOAT", "FLOAT", "IMAGE"], "output_node": True,
+    },
 }
 
 

@@ -283,3 +283,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 from . import memory_probe  # noqa: E402,F401  (test-only observer; registers TinyMemoryProbe above)
+from . import tiny_clip  # noqa: E402,F401  (test-only CLIP vision / text models; registers themselves)
