@@ -1,7 +1,7 @@
 """Token layout of one encode: the chat text's ids, the prompt's span in them, image pads expanded per image.
 
 Both backends build the chat text with extract.chat_pieces; `tokenizer` is a Hugging Face tokenizer
-(callable, `return_offsets_mapping` supported). Pure functions: no model, no ComfyUI.
+(callable; fast or Python). Pure functions: no model, no ComfyUI.
 """
 from __future__ import annotations
 
@@ -21,14 +21,30 @@ def tokenize_chat(tokenizer, before: str, text: str, after: str) -> tuple[list[i
     Exact also where a token straddles the boundary (a prompt starting with "\n" after "user\n" merges
     into one "\n\n" token, so tokenizing the pieces separately would differ); such a token counts as prompt.
     """
-    enc = tokenizer(before + text + after, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = [int(t) for t in enc["input_ids"]], enc["offset_mapping"]
+    ids, offsets = _ids_and_offsets(tokenizer, before + text + after)
     c0, c1 = len(before), len(before) + len(text)
     in_prompt = [i for i, (s, e) in enumerate(offsets) if s < c1 and e > c0 and e > s]
     if in_prompt:
         return ids, (in_prompt[0], in_prompt[-1] + 1)
     n_before = len(tokenizer(before, add_special_tokens=False)["input_ids"])
     return ids, (n_before, n_before)
+
+
+def _ids_and_offsets(tokenizer, chat: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of `chat` and each token's [start, end) characters.
+
+    Fast (Rust) tokenizers report offsets; Python ones cannot (transformers 4.x builds ComfyUI's Qwen
+    tokenizer that way), so there each token's end is the length of the decoded prefix up to it.
+    """
+    try:
+        enc = tokenizer(chat, add_special_tokens=False, return_offsets_mapping=True)
+        return [int(t) for t in enc["input_ids"]], [tuple(o) for o in enc["offset_mapping"]]
+    except NotImplementedError:
+        pass
+    ids = [int(t) for t in tokenizer(chat, add_special_tokens=False)["input_ids"]]
+    ends = [len(tokenizer.decode(ids[:i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            for i in range(len(ids))]
+    return ids, list(zip([0, *ends[:-1]], ends))
 
 
 def expand_image_pads(raw_ids: Sequence[int], raw_span: Span, image_pad_id: int,

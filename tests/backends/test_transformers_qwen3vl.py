@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from vl_core import extract, preprocess
 from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL, check_qwen3vl_folder
@@ -25,16 +26,40 @@ def picture(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def full_forward(enc: TransformersQwen3VL, images, prompt: str, placement: str):
-    """Reference: the complete HF forward (logits included) with output_hidden_states=True."""
+    """Reference: the complete HF forward (logits included) with output_hidden_states=True.
+
+    The layer numbering the pack defines (transformers 5.x's hidden_states): [0] the input embeddings,
+    [i] decoder layer i-1's output before DeepStack adds its features, [L] the final norm's output.
+    transformers 4.x reports other tensors under the same names: layer outputs that DeepStack then
+    modifies in place, and the last layer un-normed. So the reference is recorded with hooks (a copy of
+    each layer's output), and on 5.x it must also equal hidden_states itself.
+    """
     grids = [preprocess.to_patches(im)[1] for im in images]
     pixel_values = torch.cat([preprocess.to_patches(im)[0] for im in images])
     counts = [int(g.prod()) // 4 for g in grids]
     ids, span = enc.tokenize(prompt, len(images), placement, counts)
-    with torch.inference_mode():
-        out = enc.model(input_ids=ids[None], pixel_values=pixel_values, image_grid_thw=torch.cat(grids),
-                        mm_token_type_ids=(ids == enc.image_pad_id)[None].int(), output_hidden_states=True,
-                        use_cache=False)
-    return out.hidden_states, ids, span
+    lm = enc.language_model
+    outputs: dict[int, torch.Tensor] = {}
+
+    def record(index):
+        def hook(module, args, output):
+            outputs[index] = (output[0] if isinstance(output, tuple) else output).clone()
+        return hook
+
+    handles = [layer.register_forward_hook(record(i + 1)) for i, layer in enumerate(lm.layers)]
+    try:
+        with torch.inference_mode():
+            out = enc.model(input_ids=ids[None], pixel_values=pixel_values, image_grid_thw=torch.cat(grids),
+                            mm_token_type_ids=(ids == enc.image_pad_id)[None].int(), output_hidden_states=True,
+                            use_cache=False)
+            last = len(lm.layers)
+            hidden = [out.hidden_states[0]] + [outputs[i] for i in range(1, last)] + [lm.norm(outputs[last])]
+    finally:
+        for h in handles:
+            h.remove()
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert all(torch.equal(a, b) for a, b in zip(hidden, out.hidden_states, strict=True))
+    return tuple(hidden), ids, span
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +167,8 @@ def test_forward_stops_at_deepest_layer_and_never_computes_logits(hf_exact):
 def test_fast_engine_in_half_precision_matches_transformers(hf_tiny_path, dtype):
     """Weights in bf16/fp16: the fast runner computes in the weights' dtype like transformers does; both
     stay within half-precision rounding of the fp32 reference."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x: the transformers backend refuses it (test_backend_refuses_transformers_4)")
     enc = TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=dtype, device="cpu")
     hf = TransformersQwen3VL(enc.model, enc.tokenizer, engine="hf")
     ref = TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cpu", engine="hf")
@@ -399,3 +426,16 @@ def test_loader_reads_safetensors_only(hf_tiny_path, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"'Qwen3-VL-bin' has no \.safetensors weights \(it has pytorch_model\.bin\)"
                                          r": this loader reads safetensors only"):
         TransformersQwen3VL.from_pretrained(str(pickled))
+
+
+def test_backend_refuses_transformers_4(hf_tiny_path):
+    """Below transformers 5 the backend is refused with the fix, before any model is built."""
+    from vl_core.encoders.transformers_qwen3vl import require_transformers_for_backend
+
+    for old in ("4.57.1", "4.50.3"):
+        with pytest.raises(ValueError, match=r"needs transformers >= 5\.0, this environment has 4\.5.*CLIPLoader"):
+            require_transformers_for_backend(old)
+    require_transformers_for_backend("5.0.0")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        with pytest.raises(ValueError, match="needs transformers >= 5.0"):
+            TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=None, device="cpu")

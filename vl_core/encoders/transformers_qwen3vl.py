@@ -91,6 +91,28 @@ def _cfg(config, name, default=None):
     return default if value is None else value
 
 
+# transformers 4.x's Qwen3-VL gives other image-token states than 5.x and than ComfyUI's own Qwen3-VL for the
+# same weights (its vision tower; measured on the tiny model at 4.57.1: 0.35 max abs difference at layer 1),
+# and its hidden_states name other tensors (DeepStack adds in place; the last layer un-normed). The native
+# backend does not depend on it and runs on 4.57.
+TRANSFORMERS_BACKEND_MIN = (5, 0)
+
+
+def require_transformers_for_backend(version: str | None = None) -> None:
+    """Raise ValueError unless the installed transformers is new enough for this backend (≥ 5.0)."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < TRANSFORMERS_BACKEND_MIN:
+        need = ".".join(map(str, TRANSFORMERS_BACKEND_MIN))
+        raise ValueError(f"Load Qwen3-VL (transformers) needs transformers >= {need}, this environment has "
+                         f"{version} (whose Qwen3-VL computes different image states): run "
+                         f"`pip install -U 'transformers>={need}'` in ComfyUI's environment, or load the model "
+                         "with CLIPLoader (the native backend works with transformers 4.57)")
+
+
 def spec_from_hf_config(config) -> Qwen3VLSpec:
     """The runner spec of a transformers Qwen3VLConfig; UnsupportedModel where it differs from Qwen3-VL."""
     v, t = config.vision_config, config.text_config
@@ -137,6 +159,7 @@ class TransformersQwen3VL:
     def __init__(self, model, tokenizer, source: str = "", output_device: torch.device | str = "cpu",
                  engine: str = "auto", graphs: bool = True):
         require_choice("engine", engine, ENGINES)
+        require_transformers_for_backend()
         self.engine = engine
         self.graphs = GraphCache() if graphs else None   # CUDA graph replay of repeated identical encodes (GPU)
         self._runner: Qwen3VLRunner | None = None
@@ -285,8 +308,8 @@ class TransformersQwen3VL:
 
         def make_hook(index: int):  # hidden_states[index] = output of decoder layer index-1
             def hook(module, args, output):
-                if index in wanted:
-                    captured[index] = output[0] if isinstance(output, tuple) else output
+                if index in wanted:   # a copy: transformers 4.x's DeepStack then adds to the output in place
+                    captured[index] = (output[0] if isinstance(output, tuple) else output).clone()
                 if index == deepest:
                     raise _StopForward
             return hook
