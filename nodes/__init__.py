@@ -5,10 +5,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import backends
 from .blend import AdaIN, EmbeddingBlend, StyleDelta
+from .calibrate import ApplyCalibration, FitCalibration
 from .encode import LoadQwen3VL, VLEncode
+from .gram import GramMatch
 from .injection import DiTInjection
 from .inspect import VLInspect
 from .io import LoadVLEmbeds, SaveVLEmbeds, register_folder
+from .references import CombineReferences
+from .steer import ApplyDirection, CombineDirections, SteeringDirection
 
 
 class ZImageVLExtension(ComfyExtension):
@@ -18,4 +22,6 @@ class ZImageVLExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
-                DiTInjection]
+                DiTInjection,
+                SteeringDirection, ApplyDirection, CombineDirections, CombineReferences, GramMatch, FitCalibration,
+                ApplyCalibration]

@@ -85,39 +85,42 @@ def gram_match(text: torch.Tensor, vl: torch.Tensor, settings: GramSettings = Gr
     """
     _check_inputs(text, vl)
     device = torch.device(device) if device is not None else text.device
-    t = text.detach().to(device=device, dtype=torch.float32)
-    target = gram(vl.detach().to(device=device, dtype=torch.float32))
-    scale = float(token_rms(t).mean())
-    start = t.clone()
-    if settings.init_noise > 0:
-        g = torch.Generator(device="cpu").manual_seed(int(settings.seed))
-        start += settings.init_noise * scale * torch.randn(t.shape, generator=g).to(device)
-    c = start.requires_grad_(True)
-    opt = torch.optim.Adam([c], lr=settings.lr * scale)
-    losses, best, since_best, stopped = [], math.inf, 0, False
-    with torch.enable_grad():
-        for step in range(settings.steps):
-            opt.zero_grad(set_to_none=True)
-            loss = gram_loss(c, t, target, settings.style_weight, settings.content_weight)
-            value = float(loss.detach())
-            losses.append(value)
-            if progress is not None:
-                progress(step, settings.steps, value)
-            if value < best * (1 - settings.tolerance):
-                best, since_best = value, 0
-            else:
-                since_best += 1
-                if since_best >= settings.patience:
-                    stopped = True
-                    break
-            loss.backward()
-            opt.step()
-        if not stopped:
-            losses.append(float(gram_loss(c, t, target, settings.style_weight, settings.content_weight).detach()))
+    with torch.inference_mode(False), torch.enable_grad():   # hosts run nodes under inference mode
+        c, losses, stopped = _adam(text.detach().to(device=device, dtype=torch.float32).clone(),
+                                   gram(vl.detach().to(device=device, dtype=torch.float32).clone()), settings, progress)
     out = c.detach().to(device=text.device, dtype=text.dtype)
     require_finite("gram-matched conditioning", out)
     return GramResult(conditioning=out, losses=tuple(losses), steps_run=len(losses) - (0 if stopped else 1),
                       stopped_early=stopped)
+
+
+def _adam(t: torch.Tensor, target: torch.Tensor, settings: GramSettings, progress: Progress | None):
+    """The optimiser loop: (c, losses, stopped early?)."""
+    scale = float(token_rms(t).mean())
+    start = t.clone()
+    if settings.init_noise > 0:
+        g = torch.Generator(device="cpu").manual_seed(int(settings.seed))
+        start += settings.init_noise * scale * torch.randn(t.shape, generator=g).to(t.device)
+    c = start.requires_grad_(True)
+    opt = torch.optim.Adam([c], lr=settings.lr * scale)
+    losses, best, since_best = [], math.inf, 0
+    for step in range(settings.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = gram_loss(c, t, target, settings.style_weight, settings.content_weight)
+        value = float(loss.detach())
+        losses.append(value)
+        if progress is not None:
+            progress(step, settings.steps, value)
+        if value < best * (1 - settings.tolerance):
+            best, since_best = value, 0
+        else:
+            since_best += 1
+            if since_best >= settings.patience:
+                return c.detach(), losses, True
+        loss.backward()
+        opt.step()
+    losses.append(float(gram_loss(c, t, target, settings.style_weight, settings.content_weight).detach()))
+    return c.detach(), losses, False
 
 
 def gram_report(result: GramResult, settings: GramSettings) -> str:

@@ -144,10 +144,16 @@ def steering_direction(positives: Sequence[VLEmbeds], negatives: Sequence[VLEmbe
                        agreement=tuple(float(c) for c in _cosines(diffs, mean)), prompt=first.prompt)
 
 
-def check_direction_for(direction: VLDirection, width: int, name: str = "direction") -> None:
-    """ValueError unless the direction is a VLDirection of this hidden width."""
+def require_direction(name: str, direction) -> VLDirection:
+    """ValueError unless `direction` is a VLDirection."""
     if not isinstance(direction, VLDirection):
         raise ValueError(f"{name} must come from a Steering Direction node, got {type(direction).__name__}")
+    return direction
+
+
+def check_direction_for(direction: VLDirection, width: int, name: str = "direction") -> None:
+    """ValueError unless the direction is a VLDirection of this hidden width."""
+    require_direction(name, direction)
     require_width(name, direction.width, "conditioning", width,
                   hint="estimate the direction with Qwen3-VL-4B (same width as Z-Image's text encoder)")
 

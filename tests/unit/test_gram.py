@@ -54,3 +54,10 @@ def test_curve_figure_is_an_image():
     fig = curve_figure((1.0, 0.5, 0.1), "loss")
     assert fig.shape == (400, 800, 3) and 0 <= float(fig.min()) and float(fig.max()) <= 1
     assert float(fig.std()) > 0.01
+
+
+def test_runs_under_the_hosts_inference_mode():
+    text, vl = rand(1, 6, 8, seed=1), rand(1, 9, 8, seed=2)
+    with torch.inference_mode():
+        out = gram_match(text, vl, GramSettings(steps=5, patience=50))
+    assert out.losses[-1] < out.losses[0]
