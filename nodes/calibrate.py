@@ -8,6 +8,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..vl_core import extract
+from ..vl_core.checks import require_width
 from ..vl_core.calibrate import (FITS, VLCalibration, apply_calibration, calibration_report, fit_calibration,
                                  load_prompts)
 from .common import CATEGORY, VLEmbedsType, check_vl_embeds
@@ -52,6 +53,8 @@ def aligned_pairs(encoder, text_clip, prompts: list[str], layers: list[int]):
         else:
             vl = encoder.encode([], prompt, layers, "after_image")
             x = vl.tokens()[0].float().cpu()
+            if not pairs:   # fail fast, before encoding every prompt
+                require_width("Qwen3-VL", x.shape[-1], "Z-Image's text encoder (text_clip)", text_states.shape[-1])
             if x.shape[0] == text_states.shape[0]:
                 pairs.append((x, text_states))
             else:

@@ -10,8 +10,9 @@ MAX_INPUTS = 16
 
 
 def growing(name: str, socket, prefix: str, tooltip: str, minimum: int = 1) -> io.Autogrow.Input:
-    """A growing list of sockets name.prefix0, name.prefix1, … (a new one appears when the last is connected)."""
-    return io.Autogrow.Input(name, tooltip=tooltip, template=io.Autogrow.TemplatePrefix(
+    """A growing list of sockets name.prefix0, name.prefix1, … (a new one appears when the last is connected);
+    minimum 0 makes the whole group optional."""
+    return io.Autogrow.Input(name, tooltip=tooltip, optional=minimum == 0, template=io.Autogrow.TemplatePrefix(
         socket.Input(prefix, tooltip=tooltip), prefix=prefix, min=minimum, max=MAX_INPUTS))
 
 

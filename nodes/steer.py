@@ -7,10 +7,11 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..vl_core import extract, preprocess
-from ..vl_core.steer import (ESTIMATORS, apply_directions, combine_directions, direction_report, require_direction,
+from ..vl_core.steer import (ESTIMATORS, apply_directions, check_direction_for, combine_directions, direction_report,
+                             require_direction,
                              steering_direction)
 from . import backends
-from .common import CATEGORY, VLModelType, map_conditioning
+from .common import CATEGORY, VLModelType, check_conditioning, map_conditioning
 from .references import connected, growing, parse_weights
 
 log = logging.getLogger("comfyui-zimage-vl")
@@ -150,6 +151,9 @@ class ApplyDirection(io.ComfyNode):
         found = [require_direction(f"direction #{i + 1}", d) for i, d in enumerate(connected(directions))]
         if not found:
             raise ValueError("no direction connected: connect a VL_DIRECTION to 'directions'")
+        check_conditioning(conditioning)
+        for i, d in enumerate(found):     # before map_conditioning, so the message names the direction
+            check_direction_for(d, conditioning[0][0].shape[-1], f"direction #{i + 1}")
         pairs = list(zip(found, parse_weights("strengths", strengths, len(found))))
         return io.NodeOutput(map_conditioning(conditioning, lambda c: apply_directions(c, pairs), found[0].width))
 
