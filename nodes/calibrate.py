@@ -84,7 +84,8 @@ class FitCalibration(io.ComfyNode):
                                        "a full ridge-regularised D×D map (λ chosen on held-out prompts; needs more "
                                        "tokens than dims)."),
                 io.Boolean.Input("use_shipped_prompts", default=True,
-                                 tooltip="Include the pack's 220 varied prompts (vl_core/data/calibration_prompts.txt)."),
+                                 tooltip="Include the pack's 220 varied prompts "
+                                         "(vl_core/data/calibration_prompts.txt)."),
                 io.String.Input("prompts", multiline=True, default="",
                                 tooltip="Your own prompts, one per line (added to the shipped ones)."),
                 io.Int.Input("max_prompts", default=0, min=0, max=100000, advanced=True,
@@ -120,7 +121,8 @@ class FitCalibration(io.ComfyNode):
             log.warning("VL Fit Calibration: %s", w)
         report = calibration_report(cal, dropped=len(dropped), total=len(items))
         if dropped:
-            report += "\ndropped: " + "; ".join(repr(p[:60]) for p in dropped[:5]) + (" …" if len(dropped) > 5 else "")
+            more = " …" if len(dropped) > 5 else ""
+            report += "\ndropped: " + "; ".join(repr(p[:60]) for p in dropped[:5]) + more
         return io.NodeOutput(cal, report, ui={"text": (report,)})
 
 

@@ -8,8 +8,7 @@ from comfy_api.latest import io
 
 from ..vl_core import extract, preprocess
 from ..vl_core.steer import (ESTIMATORS, apply_directions, check_direction_for, combine_directions, direction_report,
-                             require_direction,
-                             steering_direction)
+                             require_direction, steering_direction)
 from . import backends
 from .common import CATEGORY, VLModelType, check_conditioning, map_conditioning
 from .references import connected, growing, parse_weights
@@ -34,9 +33,11 @@ def vl_encoder(clip, vl_model):
 def backend_inputs() -> list:
     return [
         io.Clip.Input("clip", optional=True,
-                      tooltip="Native backend: Qwen3-VL-4B loaded with ComfyUI's CLIPLoader. Connect this OR vl_model."),
+                      tooltip="Native backend: Qwen3-VL-4B loaded with ComfyUI's CLIPLoader. "
+                              "Connect this OR vl_model."),
         VLModelType.Input("vl_model", optional=True,
-                          tooltip="Transformers backend: output of 'Load Qwen3-VL (transformers)'. Connect this OR clip."),
+                          tooltip="Transformers backend: output of 'Load Qwen3-VL (transformers)'. "
+                                  "Connect this OR clip."),
     ]
 
 

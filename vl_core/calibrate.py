@@ -44,9 +44,7 @@ class VLCalibration:
 
     def map(self, x: torch.Tensor) -> torch.Tensor:
         """ŷ = x·W + b (x [..., D], float32 math, x's dtype back)."""
-        w, b = self.weight.to(x.device), self.bias.to(x.device)
-        y = x.float() * w + b if self.kind == "affine" else x.float() @ w + b
-        return y.to(x.dtype)
+        return _apply(self.kind, self.weight.to(x.device), self.bias.to(x.device), x.float()).to(x.dtype)
 
 
 def _moments(x: torch.Tensor, y: torch.Tensor):
@@ -77,10 +75,11 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Ten
 
 
 FITS = {"affine": _fit_affine, "linear": _fit_linear}
+MAPS = {"affine": lambda x, w, b: x * w + b, "linear": lambda x, w, b: x @ w + b}   # ŷ per kind
 
 
 def _apply(kind: str, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x * w + b if kind == "affine" else x @ w + b
+    return MAPS[kind](x, w, b)
 
 
 def map_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
