@@ -123,9 +123,8 @@ def test_multi_reference_workflow_runs_and_negative_weight_zero_is_exact(comfy_s
     without = latent(comfy_server, comfy_server.submit(prune_to(p, [out])), out)
     assert np.array_equal(zero, without) and not np.array_equal(pushed, without)
 
-    for mode in ("concat", "norm_average"):
-        set_inputs(p, "ZImageVL_CombineReferences", mode=mode)
-        assert np.isfinite(latent(comfy_server, comfy_server.submit(p), out)).all()
+    set_inputs(p, "ZImageVL_CombineReferences", mode="norm_average")    # concat: the injection test below
+    assert np.isfinite(latent(comfy_server, comfy_server.submit(p), out)).all()
 
 
 def test_combined_references_feed_the_injection_and_adain(comfy_server):
@@ -199,9 +198,6 @@ def test_calibration_workflow_runs_and_reports_held_out_errors(comfy_server):
     files = comfy_server.output_files(entry, node_of(p, "PreviewImage"), "images")
     assert files and latent(comfy_server, entry, out).shape == (1, 16, 8, 8)
 
-    set_inputs(p, "ZImageVL_FitCalibration", kind="linear")
-    text = text_of(comfy_server.submit(p), report)
-    assert "under-determined" in text       # ~40 tokens for 256 dims: regularised, with a warning
 
 
 def test_calibration_errors_are_clear(comfy_server):
