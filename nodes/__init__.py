@@ -1,27 +1,5 @@
-"""ComfyUI nodes of comfyui-zimage-vl: thin wrappers that validate, convert and call vl_core."""
-from __future__ import annotations
+"""ComfyUI nodes of comfyui-zimage-vl: thin wrappers that validate, convert and call vl_core.
 
-from comfy_api.latest import ComfyExtension, io
-
-from . import backends
-from .blend import AdaIN, EmbeddingBlend, StyleDelta
-from .calibrate import ApplyCalibration, FitCalibration
-from .encode import LoadQwen3VL, VLEncode
-from .gram import GramMatch
-from .injection import DiTInjection
-from .inspect import VLInspect
-from .io import LoadVLEmbeds, SaveVLEmbeds, register_folder
-from .references import CombineReferences
-from .steer import ApplyDirection, CombineDirections, SteeringDirection
-
-
-class ZImageVLExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        register_folder()
-        backends.register_folders()
-
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
-                DiTInjection,
-                SteeringDirection, ApplyDirection, CombineDirections, CombineReferences, GramMatch, FitCalibration,
-                ApplyCalibration]
+Nothing is imported here: the entry point checks the host first (host_check) and only then imports
+the node modules (extension), so an unsupported ComfyUI gets one log line instead of an import error.
+"""

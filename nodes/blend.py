@@ -5,7 +5,9 @@ import logging
 
 from comfy_api.latest import io
 
-from ..vl_core import blend, normalize, pooling, stats
+from ..vl_core import techniques
+from ..vl_core.normalize import NORMALIZE_METHODS
+from ..vl_core.pooling import LENGTH_METHODS
 from .common import CATEGORY, VLEmbedsType, check_vl_embeds, map_conditioning, vl_tokens_like
 
 log = logging.getLogger("comfyui-zimage-vl")
@@ -13,7 +15,6 @@ log = logging.getLogger("comfyui-zimage-vl")
 LENGTH_TOOLTIP = ("How the VL tokens (~1 per 32×32 px) are matched to the text's token count: pool = area average "
                   "over all tokens; attention_pool = each text token gathers the VL tokens it resembles; "
                   "truncate = first tokens only (mostly template + top rows: for comparison).")
-BLEND_MODES = ("linear", "slerp", "graduated")
 
 
 class EmbeddingBlend(io.ComfyNode):
@@ -34,14 +35,14 @@ class EmbeddingBlend(io.ComfyNode):
                                tooltip="Share of the reference: 0 = text only (exact), 0.3 slight style, 0.5 strong, "
                                        "0.7 reference dominates, 1.0 ≈ reconstructs the reference. With concat: "
                                        "share of token_budget appended."),
-                io.Combo.Input("mode", options=list(BLEND_MODES), default="linear",
+                io.Combo.Input("mode", options=list(techniques.BLEND_MODES), default="linear",
                                tooltip="linear: (1-α)·text + α·vl; slerp: rotate each token's direction, "
                                        "interpolate its norm; graduated: per-token α rising from α/N to α "
                                        "(early tokens stay text)."),
-                io.Combo.Input("length", options=[*pooling.LENGTH_METHODS, "concat"], default="pool",
+                io.Combo.Input("length", options=list(techniques.BLEND_LENGTHS), default="pool",
                                tooltip=LENGTH_TOOLTIP + " concat = keep the text and append VL tokens "
                                                         "(no mixing; alpha sets how many)."),
-                io.Combo.Input("normalize", options=list(normalize.NORMALIZE_METHODS), default="global",
+                io.Combo.Input("normalize", options=list(NORMALIZE_METHODS), default="global",
                                tooltip="Match the VL statistics to this text conditioning first: global (one mean/"
                                        "std), per_dim (each dim: moves colour, can corrupt identity), hybrid (per-dim "
                                        "mean, global scale), none."),
@@ -55,25 +56,8 @@ class EmbeddingBlend(io.ComfyNode):
     def execute(cls, conditioning, vl_embeds, alpha: float, mode: str, length: str, normalize: str,
                 token_budget: int) -> io.NodeOutput:
         vl = check_vl_embeds("vl_embeds", vl_embeds)
-        if mode not in BLEND_MODES:
-            raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
-        method = normalize
-
-        def mix(cond):
-            text = cond.float()
-            tokens = normalize_vl(vl_tokens_like(vl, cond), text, method)
-            if length == "concat":
-                count = round(alpha * (token_budget or tokens.shape[1]))
-                return cond if count == 0 else pooling.concat_tokens(text, tokens, count)
-            tokens = pooling.match_length(tokens, text.shape[1], length, query=text)
-            weights = blend.token_ramp(text.shape[1], alpha, "graduated" if mode == "graduated" else "constant")
-            return blend.blend(text, tokens, weights, "slerp" if mode == "slerp" else "linear")
-
-        return io.NodeOutput(map_conditioning(conditioning, mix, vl.width))
-
-
-def normalize_vl(tokens, text, method: str):
-    return normalize.normalize_to_reference(tokens, stats.dim_stats(text), method)
+        return io.NodeOutput(map_conditioning(conditioning, lambda cond: techniques.embedding_blend(
+            cond, vl_tokens_like(vl, cond), alpha, mode, length, normalize, token_budget), vl.width))
 
 
 class StyleDelta(io.ComfyNode):
@@ -95,7 +79,7 @@ class StyleDelta(io.ComfyNode):
                 io.Boolean.Input("normalize", default=True,
                                  tooltip="Rescale the delta so its per-token RMS equals the text's (strength is "
                                          "then relative to the text)."),
-                io.Combo.Input("length", options=list(pooling.LENGTH_METHODS), default="pool",
+                io.Combo.Input("length", options=list(LENGTH_METHODS), default="pool",
                                tooltip=LENGTH_TOOLTIP),
             ],
             outputs=[io.Conditioning.Output()],
@@ -112,15 +96,9 @@ class StyleDelta(io.ComfyNode):
         if style.prompt != neutral.prompt or style.layers != neutral.layers:
             log.warning("VL Style Delta: vl_style and vl_neutral differ in prompt or layers; the delta then "
                         "carries that difference too")
-
-        def shift(cond):
-            text = cond.float()
-            n = text.shape[1]
-            styled = pooling.match_length(vl_tokens_like(style, cond), n, length, query=text)
-            plain = pooling.match_length(vl_tokens_like(neutral, cond), n, length, query=text)
-            return blend.style_delta(text, styled, plain, strength, normalize)
-
-        return io.NodeOutput(map_conditioning(conditioning, shift, style.width))
+        return io.NodeOutput(map_conditioning(conditioning, lambda cond: techniques.embedding_style_delta(
+            cond, vl_tokens_like(style, cond), vl_tokens_like(neutral, cond), strength, normalize, length),
+            style.width))
 
 
 class AdaIN(io.ComfyNode):
@@ -135,12 +113,12 @@ class AdaIN(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip="Z-Image text conditioning (the content)."),
                 VLEmbedsType.Input("vl_embeds", tooltip="VL Encode of the style reference."),
-                io.Combo.Input("mode", options=list(blend.ADAIN_MODES), default="per_dim",
+                io.Combo.Input("mode", options=list(techniques.ADAIN_STYLE_TOKENS), default="per_dim",
                                tooltip="per_token: each token takes a VL token's mean/std over dims; per_dim: each "
                                        "dim takes the VL mean/std over tokens."),
                 io.Float.Input("weight", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Mix between the text (0, exact) and the fully re-normalised text (1)."),
-                io.Combo.Input("length", options=list(pooling.LENGTH_METHODS), default="pool",
+                io.Combo.Input("length", options=list(LENGTH_METHODS), default="pool",
                                tooltip="per_token only: " + LENGTH_TOOLTIP),
             ],
             outputs=[io.Conditioning.Output()],
@@ -149,12 +127,5 @@ class AdaIN(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, vl_embeds, mode: str, weight: float, length: str) -> io.NodeOutput:
         vl = check_vl_embeds("vl_embeds", vl_embeds)
-
-        def restyle(cond):
-            text = cond.float()
-            style = vl_tokens_like(vl, cond)
-            if mode == "per_token":
-                style = pooling.match_length(style, text.shape[1], length, query=text)
-            return blend.adain(text, style, mode, weight)
-
-        return io.NodeOutput(map_conditioning(conditioning, restyle, vl.width))
+        return io.NodeOutput(map_conditioning(conditioning, lambda cond: techniques.embedding_adain(
+            cond, vl_tokens_like(vl, cond), mode, weight, length), vl.width))

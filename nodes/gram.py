@@ -7,7 +7,8 @@ import comfy.model_management as model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..vl_core.gram import GramSettings, curve_figure, gram_match, gram_report
+from ..vl_core import plot
+from ..vl_core.gram import GramSettings, gram_match, gram_report
 from .common import CATEGORY, VLEmbedsType, check_vl_embeds, map_conditioning, vl_tokens_like
 
 log = logging.getLogger("comfyui-zimage-vl")
@@ -69,6 +70,7 @@ class GramMatch(io.ComfyNode):
             return result.conditioning
 
         out = map_conditioning(conditioning, match, vl.width)
-        curve = curve_figure(results[0].losses, "VL Gram Match loss")
+        curve = plot.line_plot({f"conditioning {i + 1}": r.losses for i, r in enumerate(results)},
+                               title="VL Gram Match loss", xlabel="Adam step", ylabel="loss", log_y=True)
         report = "\n".join(gram_report(r, settings) for r in results)
         return io.NodeOutput(out, curve[None], report, ui={"text": (report,)})

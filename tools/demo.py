@@ -10,6 +10,7 @@ Random weights make a noise-like picture; the point is that the real graph runs 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -18,6 +19,39 @@ from pathlib import Path
 from tools import host_harness as harness
 
 WORKFLOW = "zimage_vl_style_reference"
+DEFAULT_IMAGE = "test_scene.png"
+
+
+def caller_dir() -> Path:
+    """The directory the user ran the demo from: ./dev changes into the repo and exports it as
+    ZIMAGE_VL_CALLER_DIR; run as `python -m tools.demo` it is the current directory."""
+    return Path(os.environ.get("ZIMAGE_VL_CALLER_DIR") or os.getcwd())
+
+
+def resolve_path(arg: str) -> Path:
+    """A path as the user typed it: relative to the caller's directory, ~ expanded."""
+    return (caller_dir() / Path(arg).expanduser()).resolve()
+
+
+def reference_image(arg: str | None) -> str:
+    """--image as a file the harness can stage: a path (relative to the caller's directory) or a name in
+    ../shared/ref_images. Without --image: test_scene.png from there, or (a plain clone has no ../shared) a
+    synthetic picture of that name. A named file that does not exist or is no picture is a ValueError."""
+    if arg is None:
+        return DEFAULT_IMAGE
+    candidates = [resolve_path(arg), harness.ref_images_dir() / arg]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ValueError(f"--image {arg!r}: no such file (looked for {candidates[0]} and {candidates[1]}); "
+                         "give the path of a PNG or JPEG picture, or leave --image out for the built-in one")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(found) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {arg!r}: {found} is not a picture PIL can read ({e}); give a PNG or JPEG")
+    return str(found)
 
 
 def run_in_host(out: Path, image: str, size: int, alpha: float) -> None:
@@ -59,7 +93,7 @@ def run_without_host(out: Path, image: str) -> None:
           "the sampled image needs the host", flush=True)
     with tempfile.TemporaryDirectory(prefix="zimage_vl_demo_") as work:
         encoder = TransformersQwen3VL.from_pretrained(tiny_models.make_hf_tiny_qwen3vl(work, num_layers=8))
-        with Image.open(harness.ref_image_path(image)) as im:
+        with Image.open(harness.ref_image_path(image, fallback_dir=Path(work))) as im:
             picture = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
         picture = preprocess.check_image(picture)
         picture = preprocess.resize_image(picture, preprocess.plan_size(*picture.shape[:2], 256, "fit_budget"))
@@ -73,17 +107,24 @@ def run_without_host(out: Path, image: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="out", help="folder for demo_image.png and demo_inspect.png")
-    parser.add_argument("--image", default="test_scene.png", help="reference image in ../shared/ref_images")
+    parser.add_argument("--out", default="out", help="folder for demo_image.png and demo_inspect.png "
+                                                     "(relative to where you run the demo)")
+    parser.add_argument("--image", help="reference picture: a path (relative to where you run the demo) or a "
+                                        f"name in ../shared/ref_images (default {DEFAULT_IMAGE}, a built-in "
+                                        "synthetic picture when that folder is absent)")
     parser.add_argument("--size", type=int, default=128, help="reference and output size in px (tiny models)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Embedding Blend alpha")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    try:
+        image = reference_image(args.image)
+    except ValueError as e:
+        parser.error(str(e))
+    out = resolve_path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if harness.comfyui_path() is not None:
-        run_in_host(out, args.image, args.size, args.alpha)
+        run_in_host(out, image, args.size, args.alpha)
     else:
-        run_without_host(out, args.image)
+        run_without_host(out, image)
     return 0
 
 

@@ -146,8 +146,9 @@ def make_hf_tiny_qwen3vl(path: str, hidden_size: int = 256, seed: int = 0, num_l
         hidden_size=hidden_size, intermediate_size=t["intermediate_size"], num_hidden_layers=num_layers,
         num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
         head_dim=t["head_dim"], vocab_size=t["vocab_size"], max_position_embeddings=262144, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"], "mrope_section": t["mrope_section"],
-                         "mrope_interleaved": True},
+        # the legacy keys (rope_theta + rope_scaling): transformers 4.57 reads only these, 5.x converts them
+        rope_theta=t["rope_theta"],
+        rope_scaling={"rope_type": "default", "mrope_section": t["mrope_section"], "mrope_interleaved": True},
         tie_word_embeddings=True)
     vision_config = dict(TINY_VISION, out_hidden_size=hidden_size, in_channels=3, hidden_act="gelu_pytorch_tanh")
     config = Qwen3VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **ids)

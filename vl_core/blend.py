@@ -14,9 +14,6 @@ import torch
 from .checks import require_choice, require_finite, require_tokens, require_width
 from .stats import EPS
 
-BLEND_MODES = ("linear", "slerp")
-ADAIN_MODES = ("per_token", "per_dim")
-RAMP_SHAPES = ("constant", "graduated")
 ANGLE_EPS = 1e-4  # radians: below this (or this close to π) slerp falls back to linear
 
 
@@ -80,6 +77,10 @@ def _slerp(t: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float = EPS) 
     return torch.where(degenerate, _lerp(t, v, w), slerped)
 
 
+MIXES = {"linear": _lerp, "slerp": _slerp}  # mode → mix(t, v, w), all float32
+BLEND_MODES = tuple(MIXES)
+
+
 def blend(text: torch.Tensor, vl: torch.Tensor, weight, mode: str) -> torch.Tensor:
     """Mix VL states into text conditioning, same [B, N, D] (vl batch may be 1); weight: float or per-token [N].
 
@@ -90,8 +91,15 @@ def blend(text: torch.Tensor, vl: torch.Tensor, weight, mode: str) -> torch.Tens
     _check_pair("text conditioning", text, "VL", vl)
     w = _token_weight("weight", weight, text)
     t, v = text.float(), vl.to(text.device).float()
-    mixed = _lerp(t, v, w) if mode == "linear" else _slerp(t, v, w)
+    mixed = MIXES[mode](t, v, w)
     return _pinned(w, text, vl.to(text.device).expand_as(text), mixed)
+
+
+RAMPS = {  # shape → per-token weights [n] for (n, α)
+    "constant": lambda n, alpha: torch.full((n,), alpha, dtype=torch.float32),
+    "graduated": lambda n, alpha: alpha * torch.arange(1, n + 1, dtype=torch.float32) / n,
+}
+RAMP_SHAPES = tuple(RAMPS)
 
 
 def token_ramp(n: int, alpha: float, shape: str) -> torch.Tensor:
@@ -105,9 +113,7 @@ def token_ramp(n: int, alpha: float, shape: str) -> torch.Tensor:
         raise ValueError(f"n (token count) must be an integer >= 1, got {n!r}")
     if not (isinstance(alpha, Real) and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if shape == "constant":
-        return torch.full((int(n),), float(alpha), dtype=torch.float32)
-    return float(alpha) * torch.arange(1, int(n) + 1, dtype=torch.float32) / int(n)
+    return RAMPS[shape](int(n), float(alpha))
 
 
 def _mean_token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +138,10 @@ def style_delta(text: torch.Tensor, vl_style: torch.Tensor, vl_neutral: torch.Te
     return torch.where(s == 0, text, out)
 
 
+ADAIN_AXES = {"per_token": -1, "per_dim": -2}  # mode → the axis the statistics run over (-1: per token, over D)
+ADAIN_MODES = tuple(ADAIN_AXES)
+
+
 def adain(content: torch.Tensor, style: torch.Tensor, mode: str, weight=1.0, eps: float = EPS) -> torch.Tensor:
     """Adaptive instance norm of content to style, then lerp(content, result, weight).
 
@@ -139,10 +149,10 @@ def adain(content: torch.Tensor, style: torch.Tensor, mode: str, weight=1.0, eps
     per_dim:   stats over tokens of dim d (N may differ):  (c − μ_c,d)/(σ_c,d + eps)·σ_s,d + μ_s,d
     """
     require_choice("adain mode", mode, ADAIN_MODES)
-    _check_pair("content", content, "style", style, same_length=(mode == "per_token"))
+    axis = ADAIN_AXES[mode]
+    _check_pair("content", content, "style", style, same_length=(axis == -1))
     w = _token_weight("weight", weight, content)
     c, s = content.float(), style.to(content.device).float()
-    axis = -1 if mode == "per_token" else -2
     c_mean, s_mean = c.mean(dim=axis, keepdim=True), s.mean(dim=axis, keepdim=True)
     c_std = (c - c_mean).square().mean(dim=axis, keepdim=True).sqrt()
     s_std = (s - s_mean).square().mean(dim=axis, keepdim=True).sqrt()

@@ -134,33 +134,3 @@ def gram_report(result: GramResult, settings: GramSettings) -> str:
         f"(x text RMS), seed {settings.seed}, init_noise {settings.init_noise:g}",
     ])
 
-
-def curve_figure(values: tuple[float, ...], title: str, size: tuple[int, int] = (800, 400)) -> torch.Tensor:
-    """Line plot of log10(values) against the step, PIL-drawn; [H, W, 3] float in 0..1.
-
-    Local stand-in until the pack's shared plot helper lands (vl_core/plot.py); matplotlib is not installed with
-    ComfyUI, so the axes are drawn with PIL like the inspector's figure.
-    """
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = size
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    left, right, top, bottom = 80, width - 20, 30, height - 40
-    logs = np.log10(np.clip(np.asarray(values, dtype=np.float64), 1e-30, None))
-    lo, hi = float(logs.min()), float(logs.max())
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    n = max(len(logs) - 1, 1)
-    pts = [(left + i / n * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top)) for i, v in enumerate(logs)]
-    draw.line([left, top, left, bottom], fill=(60, 60, 60))
-    draw.line([left, bottom, right, bottom], fill=(60, 60, 60))
-    for v in (lo, hi):
-        y = bottom - (v - lo) / (hi - lo) * (bottom - top)
-        draw.text((4, y - 6), f"{10 ** v:.3g}", fill=(60, 60, 60), font=font)
-    if len(pts) > 1:
-        draw.line(pts, fill=(70, 110, 200), width=2)
-    draw.text((left, 8), title, fill=(60, 60, 60), font=font)
-    draw.text((left, bottom + 12), f"step 0..{len(logs) - 1} (loss, log scale)", fill=(60, 60, 60), font=font)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)

@@ -6,8 +6,6 @@ import torch
 from .checks import require_choice, require_finite, require_tokens, require_width
 from .stats import EPS, DimStats, dim_stats
 
-NORMALIZE_METHODS = ("none", "global", "per_dim", "hybrid")
-
 
 def global_moments(s: DimStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar mean/std of all elements pooled from per-dim stats (each dim has the same count).
@@ -23,6 +21,29 @@ def global_moments(s: DimStats) -> tuple[torch.Tensor, torch.Tensor]:
 def rms_std(s: DimStats) -> torch.Tensor:
     """RMS over dims of the per-dim std: σ̄ = sqrt(mean_d σ_d²)."""
     return s.std.float().square().mean().sqrt()
+
+
+def _global(xf: torch.Tensor, xs: DimStats, ref: DimStats, eps: float) -> torch.Tensor:
+    dev = xf.device
+    x_mean, x_std = global_moments(xs)
+    r_mean, r_std = global_moments(ref)
+    return (xf - x_mean.to(dev)) / (x_std.to(dev) + eps) * r_std.to(dev) + r_mean.to(dev)
+
+
+def _per_dim(xf: torch.Tensor, xs: DimStats, ref: DimStats, eps: float) -> torch.Tensor:
+    dev = xf.device
+    return (xf - xs.mean.float().to(dev)) / (xs.std.float().to(dev) + eps) \
+        * ref.std.float().to(dev) + ref.mean.float().to(dev)
+
+
+def _hybrid(xf: torch.Tensor, xs: DimStats, ref: DimStats, eps: float) -> torch.Tensor:
+    dev = xf.device
+    scale = rms_std(ref).to(dev) / (rms_std(xs).to(dev) + eps)
+    return (xf - xs.mean.float().to(dev)) * scale + ref.mean.float().to(dev)
+
+
+RESTANDARDISE = {"global": _global, "per_dim": _per_dim, "hybrid": _hybrid}  # method → (x, x_stats, ref, eps) → x'
+NORMALIZE_METHODS = ("none", *RESTANDARDISE)  # "none": x unchanged
 
 
 def normalize_to_reference(x: torch.Tensor, ref: DimStats, method: str,
@@ -46,16 +67,4 @@ def normalize_to_reference(x: torch.Tensor, ref: DimStats, method: str,
     if x_stats is None:
         x_stats = dim_stats(x)
     require_width("x", x.shape[-1], "x_stats", x_stats.width)
-    dev = x.device
-    xf = x.float()
-    if method == "global":
-        x_mean, x_std = global_moments(x_stats)
-        r_mean, r_std = global_moments(ref)
-        out = (xf - x_mean.to(dev)) / (x_std.to(dev) + eps) * r_std.to(dev) + r_mean.to(dev)
-    elif method == "per_dim":
-        out = (xf - x_stats.mean.float().to(dev)) / (x_stats.std.float().to(dev) + eps) \
-            * ref.std.float().to(dev) + ref.mean.float().to(dev)
-    else:  # hybrid
-        scale = rms_std(ref).to(dev) / (rms_std(x_stats).to(dev) + eps)
-        out = (xf - x_stats.mean.float().to(dev)) * scale + ref.mean.float().to(dev)
-    return out.to(x.dtype)
+    return RESTANDARDISE[method](x.float(), x_stats, ref, eps).to(x.dtype)

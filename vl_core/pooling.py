@@ -10,9 +10,6 @@ import torch.nn.functional as F
 from .checks import require_choice, require_finite, require_tokens, require_width
 from .stats import EPS
 
-LENGTH_METHODS = ("pool", "attention_pool", "truncate")
-
-
 def _pool(x: torch.Tensor, n: int) -> torch.Tensor:
     """Window means; n ≤ N: out_i = mean x[⌊iN/n⌋ : ⌈(i+1)N/n⌉] (adaptive_avg_pool1d), n > N: out_i = x[⌊iN/n⌋]."""
     big_n = x.shape[1]
@@ -53,6 +50,14 @@ def _truncate(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=1)
 
 
+MATCHERS = {  # method → (x, n, query) → x resampled to n tokens
+    "pool": lambda x, n, query: _pool(x, n),
+    "attention_pool": _attention_pool,
+    "truncate": lambda x, n, query: _truncate(x, n),
+}
+LENGTH_METHODS = tuple(MATCHERS)
+
+
 def match_length(x: torch.Tensor, n: int, method: str, query: torch.Tensor | None = None) -> torch.Tensor:
     """Resample x [B, N, D] to n tokens, in x's dtype.
 
@@ -68,13 +73,8 @@ def match_length(x: torch.Tensor, n: int, method: str, query: torch.Tensor | Non
         raise ValueError(f"n (target token count) must be an integer >= 1, got {n!r}")
     if x.shape[1] < 1:
         raise ValueError("x has no tokens: nothing to resample (check the token mode / spans of the encoding)")
-    n = int(n)
-    if method == "truncate":
-        return _truncate(x, n)
     require_finite("x", x)
-    if method == "pool":
-        return _pool(x, n)
-    return _attention_pool(x, n, query)
+    return MATCHERS[method](x, int(n), query)
 
 
 def concat_tokens(text: torch.Tensor, vl: torch.Tensor, budget: int) -> torch.Tensor:

@@ -13,8 +13,6 @@ if TYPE_CHECKING:
     from .types import VLEmbeds
 
 EPS = 1e-6
-MASK_MODES = ("none", "zero", "clamp", "scale")
-OUTLIER_MODES = MASK_MODES  # the name the VL Encode node uses
 CLAMP_SIGMAS = 3.0
 
 
@@ -77,13 +75,32 @@ def find_outliers(ratio: torch.Tensor, threshold: float) -> torch.Tensor:
     return (ratio > threshold) | (ratio < 1.0 / threshold)
 
 
+def _replace_zero(xf, vl, ref, eps):
+    return torch.zeros_like(xf)
+
+
+def _replace_clamp(xf, vl, ref, eps):
+    r_mean, r_std = ref.mean.float().to(xf.device), ref.std.float().to(xf.device)
+    return torch.minimum(torch.maximum(xf, r_mean - CLAMP_SIGMAS * r_std), r_mean + CLAMP_SIGMAS * r_std)
+
+
+def _replace_scale(xf, vl, ref, eps):
+    r_mean, r_std = ref.mean.float().to(xf.device), ref.std.float().to(xf.device)
+    v_mean, v_std = vl.mean.float().to(xf.device), vl.std.float().to(xf.device)
+    return (xf - v_mean) * (r_std / (v_std + eps)) + r_mean
+
+
+REPLACEMENTS = {"zero": _replace_zero, "clamp": _replace_clamp, "scale": _replace_scale}  # (x, vl, ref, eps) → x'
+OUTLIER_MODES = ("none", *REPLACEMENTS)  # "none": x unchanged
+
+
 def mask_outliers(x: torch.Tensor, outliers: torch.Tensor, mode: str, vl: DimStats, ref: DimStats,
                   eps: float = EPS) -> torch.Tensor:
     """Replace outlier dims of x; non-outlier dims are returned bit-identical.
 
     zero: 0;  clamp: clip(x_d, μ_ref,d ± 3σ_ref,d);  scale: (x_d − μ_vl,d)·σ_ref,d/(σ_vl,d+eps) + μ_ref,d;  none: x.
     """
-    require_choice("mask mode", mode, MASK_MODES)
+    require_choice("mask mode", mode, OUTLIER_MODES)
     require_tokens("x", x)
     d = x.shape[-1]
     require_width("x", d, "reference stats", ref.width)
@@ -94,15 +111,7 @@ def mask_outliers(x: torch.Tensor, outliers: torch.Tensor, mode: str, vl: DimSta
                          f"{outliers.dtype} {tuple(outliers.shape)}")
     if mode == "none" or not bool(outliers.any()):
         return x
-    xf = x.float()
-    r_mean, r_std = ref.mean.float().to(x.device), ref.std.float().to(x.device)
-    if mode == "zero":
-        new = torch.zeros_like(xf)
-    elif mode == "clamp":
-        new = torch.minimum(torch.maximum(xf, r_mean - CLAMP_SIGMAS * r_std), r_mean + CLAMP_SIGMAS * r_std)
-    else:  # scale
-        v_mean, v_std = vl.mean.float().to(x.device), vl.std.float().to(x.device)
-        new = (xf - v_mean) * (r_std / (v_std + eps)) + r_mean
+    new = REPLACEMENTS[mode](x.float(), vl, ref, eps)
     return torch.where(outliers, new.to(x.dtype), x)
 
 
@@ -147,7 +156,7 @@ def suppress_image_outliers(embeds: "VLEmbeds", threshold: float, mode: str) -> 
 
     The outlier dims per layer are recorded in extra["outlier_dims"] = {str(layer): [dims]}.
     """
-    require_choice("outlier mode", mode, MASK_MODES)
+    require_choice("outlier mode", mode, OUTLIER_MODES)
     if mode == "none":
         return embeds
     image = embeds.image_mask()

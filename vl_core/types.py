@@ -115,37 +115,9 @@ class VLEmbeds:
         save_file(tensors, path, metadata={"vl_embeds": json.dumps(self.metadata())})
 
     @classmethod
-    def from_safetensors(cls, path: str) -> "VLEmbeds":
-        """Load a file written by to_safetensors; raises ValueError on anything else."""
-        from safetensors import safe_open
+    def from_safetensors(cls, path: str, label: str | None = None) -> "VLEmbeds":
+        """Load a file written by to_safetensors, every field validated (vl_core.embeds_file); ValueError
+        naming the file (`label`, default the path) and the field on anything else."""
+        from .embeds_file import read_embeds
 
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta_raw = (f.metadata() or {}).get("vl_embeds")
-                if meta_raw is None:
-                    raise ValueError(
-                        f"{path} is a safetensors file but not VL embeddings (no 'vl_embeds' metadata); "
-                        "save embeddings with the 'Save VL Embeddings' node")
-                meta = json.loads(meta_raw)
-                hidden = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys() if k.startswith("hidden.")}
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"cannot read {path} as safetensors VL embeddings ({e}); the file is corrupt or "
-                             "not a safetensors file (pickles are never loaded)") from e
-        if meta.get("format") != SAFETENSORS_FORMAT or meta.get("version", 0) > SAFETENSORS_VERSION:
-            raise ValueError(f"{path}: unsupported embeddings format {meta.get('format')!r} v{meta.get('version')}")
-        if sorted(hidden) != sorted(meta["layers"]):
-            raise ValueError(f"{path}: tensors {sorted(hidden)} do not match the metadata layers {meta['layers']}")
-        return cls(
-            hidden=hidden,
-            image_spans=tuple(tuple(s) for s in meta["image_spans"]),
-            prompt_span=tuple(meta["prompt_span"]),
-            num_layers=int(meta["num_layers"]),
-            placement=meta["placement"],
-            token_mode=meta["token_mode"],
-            source=meta["source"],
-            prompt=meta.get("prompt", ""),
-            image_sizes=tuple(tuple(s) for s in meta.get("image_sizes", [])),
-            extra=meta.get("extra", {}),
-        )
+        return read_embeds(path, label)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vl_core.gram import GramSettings, curve_figure, gram, gram_loss, gram_match, gram_report
+from vl_core.gram import GramSettings, gram, gram_loss, gram_match, gram_report
 
 
 def rand(*shape, seed=0):
@@ -48,12 +48,6 @@ def test_bad_settings_and_inputs_are_refused():
         gram_match(rand(1, 4, 8), rand(1, 4, 16))
     with pytest.raises(ValueError, match="batch"):
         gram_match(rand(2, 4, 8), rand(3, 4, 8))
-
-
-def test_curve_figure_is_an_image():
-    fig = curve_figure((1.0, 0.5, 0.1), "loss")
-    assert fig.shape == (400, 800, 3) and 0 <= float(fig.min()) and float(fig.max()) <= 1
-    assert float(fig.std()) > 0.01
 
 
 def test_runs_under_the_hosts_inference_mode():

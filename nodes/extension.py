@@ -1,0 +1,27 @@
+"""The pack's ComfyExtension: every node class, and the model folders registered on load."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import backends
+from .blend import AdaIN, EmbeddingBlend, StyleDelta
+from .calibrate import ApplyCalibration, FitCalibration
+from .encode import LoadQwen3VL, VLEncode
+from .gram import GramMatch
+from .injection import DiTInjection
+from .inspector import VLInspect
+from .embedding_files import LoadVLEmbeds, SaveVLEmbeds, register_folder
+from .references import CombineReferences
+from .steer import ApplyDirection, CombineDirections, SteeringDirection
+
+
+class ZImageVLExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folder()
+        backends.register_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
+                DiTInjection,
+                SteeringDirection, ApplyDirection, CombineDirections, CombineReferences, GramMatch, FitCalibration,
+                ApplyCalibration]
