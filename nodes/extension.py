@@ -4,12 +4,16 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .blend import AdaIN, EmbeddingBlend, StyleDelta
+from .calibrate import ApplyCalibration, FitCalibration
 from .encode import LoadQwen3VL, VLEncode
+from .gram import GramMatch
 from .injection import DiTInjection
 from .inspector import VLInspect
 from .metrics import ArtifactScore, ColourSimilarity, SemanticSimilarity
 from .embedding_files import LoadVLEmbeds, SaveVLEmbeds, register_folder
 from .model_folders import register_folders
+from .references import CombineReferences
+from .steer import ApplyDirection, CombineDirections, SteeringDirection
 
 
 class ZImageVLExtension(ComfyExtension):
@@ -19,4 +23,6 @@ class ZImageVLExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
-                DiTInjection, ColourSimilarity, ArtifactScore, SemanticSimilarity]
+                DiTInjection, ColourSimilarity, ArtifactScore, SemanticSimilarity,
+                SteeringDirection, ApplyDirection, CombineDirections, CombineReferences, GramMatch, FitCalibration,
+                ApplyCalibration]

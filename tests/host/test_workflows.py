@@ -105,6 +105,36 @@ PACK_NODES = {
         "optional": {"reference", "text_only", "clip", "text"},
         "outputs": ["FLOAT", "FLOAT", "FLOAT", "IMAGE"], "output_node": True,
     },
+    "ZImageVL_SteeringDirection": {
+        "inputs": {"positive": None, "negative": None, "prompt": None, "clip": None, "vl_model": None,
+                   "layers": {"default": "-6"}, "method": {"options": ["mean_diff", "pca"]},
+                   "num_tokens": {"default": 1}, "token_mode": {"options": ["full", "image", "text"]}},
+        "optional": {"clip", "vl_model"},
+        "outputs": ["VL_DIRECTION", "STRING"],
+    },
+    "ZImageVL_ApplyDirection": {"inputs": {"conditioning": None, "directions": None, "strengths": None},
+                                "outputs": ["CONDITIONING"]},
+    "ZImageVL_CombineDirections": {"inputs": {"directions": None, "weights": None, "orthogonalize": None},
+                                   "outputs": ["VL_DIRECTION", "STRING"]},
+    "ZImageVL_CombineReferences": {
+        "inputs": {"references": None, "mode": {"options": ["concat", "average", "norm_average"]}, "weights": None,
+                   "negatives": None, "negative_weight": None, "num_tokens": {"default": 0}},
+        "outputs": ["VL_EMBEDS"],
+    },
+    "ZImageVL_GramMatch": {
+        "inputs": {"conditioning": None, "vl_embeds": None, "style_weight": None, "content_weight": None,
+                   "steps": None, "learning_rate": None, "seed": None},
+        "outputs": ["CONDITIONING", "IMAGE", "STRING"],
+    },
+    "ZImageVL_FitCalibration": {
+        "inputs": {"text_clip": None, "clip": None, "vl_model": None, "layers": {"default": "-6"},
+                   "kind": {"options": ["affine", "linear"]}, "use_shipped_prompts": {"default": True},
+                   "prompts": None, "max_prompts": {"default": 0}},
+        "optional": {"clip", "vl_model"},
+        "outputs": ["VL_CALIBRATION", "STRING"],
+    },
+    "ZImageVL_ApplyCalibration": {"inputs": {"vl_embeds": None, "calibration": None, "image_tokens_only": None},
+                                  "outputs": ["VL_EMBEDS"]},
 }
 
 
@@ -132,6 +162,19 @@ def _combo_options(spec) -> list:
     if isinstance(spec[0], list):
         return spec[0]
     return _spec_opts(spec).get("options", [])
+
+
+def _autogrow_socket(specs: dict, name: str):
+    """The template spec of socket 'group.prefixK' of a growing (Autogrow) input, or None."""
+    group, socket = name.split(".", 1)
+    spec = specs.get(group, (None, None))[1]
+    if spec is None or spec[0] != "COMFY_AUTOGROW_V3":
+        return None
+    template = _spec_opts(spec).get("template", {})
+    if not socket.startswith(template.get("prefix", "\0")):
+        return None
+    found = [s for section in template.get("input", {}).values() for s in section.values()]
+    return found[0] if found else None
 
 
 def _ordered_inputs(info: dict) -> list[str]:
@@ -354,11 +397,13 @@ def test_workflow_nodes_exist_and_ui_widgets_match_api(comfy_server):
             entry = info[t]
             specs = _input_specs(entry)
             linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+            linked |= {g.split(".", 1)[0] for g in linked if "." in g}   # a growing (Autogrow) input's group
             for i in n.get("inputs", []):  # sockets: names and types as the host declares them
-                if i["name"] not in specs:
+                spec = _autogrow_socket(specs, i["name"]) if "." in i["name"] else specs.get(i["name"], (None, None))[1]
+                if spec is None:
                     problems.append(f"{name}: {t} #{n['id']} has an input {i['name']!r} the node does not declare")
-                elif _spec_type(specs[i["name"]][1]) != i["type"] and _spec_type(specs[i["name"]][1]) != "COMBO":
-                    problems.append(f"{name}: {t}.{i['name']} socket type {i['type']} != {_spec_type(specs[i['name']][1])}")
+                elif _spec_type(spec) != i["type"] and _spec_type(spec) != "COMBO":
+                    problems.append(f"{name}: {t}.{i['name']} socket type {i['type']} != {_spec_type(spec)}")
             for slot, o in enumerate(n.get("outputs", [])):
                 if slot >= len(entry["output"]) or entry["output"][slot] != o["type"]:
                     problems.append(f"{name}: {t} #{n['id']} output {slot} type {o['type']} != {entry['output'][slot:slot + 1]}")
