@@ -1,6 +1,6 @@
 // Per-block weight strings of DiT Layer Injection, in the browser: the same grammar, presets and canonical
 // form as vl_core/schedule.py (parse_block_weights / preset_blocks / format_block_weights), so the editor
-// writes exactly what the node parses. Pure module (no ComfyUI import); tests/browser/test_block_weights_js.py
+// writes exactly what the node parses. Pure module (no ComfyUI import); tests/unit/test_block_weights_js.py
 // checks it against the Python parser on the same strings.
 
 export const PRESETS = ["all", "early", "middle", "late"];

@@ -14,7 +14,7 @@ import pytest
 
 from tools.host_harness import HOST_SKIP_REASON, REPO_ROOT, ComfyServer, comfyui_path
 
-from .bridge import Browser, skip_reason
+from tools.browser_bridge import Browser, skip_reason
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = Path(os.environ.get("ZIMAGE_VL_BROWSER_ARTIFACTS", REPO_ROOT / "out" / "browser"))

@@ -1,4 +1,4 @@
-"""Drive the system Chromium from pytest through playwright-core (npm) and a line-JSON bridge (pw_bridge.mjs).
+"""Drive the system Chromium from pytest through playwright-core (npm) and a line-JSON bridge (tools/pw_bridge.mjs).
 
 Where things come from (``.ci/run`` installs them when missing):
   Chromium        ZIMAGE_VL_CHROMIUM, else ``chromium`` / ``chromium-browser`` on PATH (Debian: apt-get install chromium)
@@ -90,10 +90,14 @@ class Browser:
     def box(self, selector: str) -> dict | None:
         return self._call("box", selector=selector)
 
-    def screenshot(self, path: Path) -> Path:
+    def screenshot(self, path: Path, clip: dict | None = None) -> Path:
+        """A PNG of the page (or of ``clip`` = {x, y, width, height} in CSS px)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._call("screenshot", path=str(path))
+        self._call("screenshot", path=str(path), clip=clip)
         return path
+
+    def viewport(self, width: int, height: int):
+        return self._call("viewport", width=width, height=height)
 
     def logs(self) -> list[str]:
         try:

@@ -1,6 +1,6 @@
 // A tiny line-JSON bridge from pytest to playwright-core: one request per stdin line
 // {"id", "op", "args"}, one reply per stdout line {"id", "ok", "result" | "error"}.
-// Launched by tests/browser/bridge.py with PLAYWRIGHT_CORE (module path) and CHROMIUM (executable).
+// Launched by tools/browser_bridge.py with PLAYWRIGHT_CORE (module path) and CHROMIUM (executable).
 import readline from "node:readline";
 
 const { chromium } = await import(process.env.PLAYWRIGHT_CORE);
@@ -31,7 +31,8 @@ const ops = {
   click: ({ selector }) => page.click(selector).then(() => null),
   press: ({ key }) => page.keyboard.press(key).then(() => null),
   box: ({ selector }) => page.locator(selector).first().boundingBox(),
-  screenshot: ({ path }) => page.screenshot({ path }).then(() => path),
+  screenshot: ({ path, clip }) => page.screenshot({ path, clip: clip ?? undefined }).then(() => path),
+  viewport: ({ width, height }) => page.setViewportSize({ width, height }).then(() => null),
   logs: () => logs.splice(0),
   close: async () => { await browser.close(); setTimeout(() => process.exit(0), 10); return null; },
 };
