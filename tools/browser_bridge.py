@@ -87,6 +87,15 @@ class Browser:
     def press(self, key: str):
         return self._call("press", key=key)
 
+    def type_text(self, text: str):
+        return self._call("type", text=text)
+
+    def move(self, x: float, y: float):
+        return self._call("mouse", steps=[{"op": "move", "x": x, "y": y}])
+
+    def dblclick(self, x: float, y: float):
+        return self._call("dblclick", x=x, y=y)
+
     def box(self, selector: str) -> dict | None:
         return self._call("box", selector=selector)
 

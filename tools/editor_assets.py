@@ -26,7 +26,7 @@ SUBGRAPHS_DIR = REPO / "subgraphs"
 DOCS_IMAGES = REPO / "web" / "docs" / "images"
 THUMB_SIZE = 512
 CATEGORY = "Z-Image VL"
-USER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Release.Version": "99.0.0",
+USER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.Persist": False, "Comfy.Release.Version": "99.0.0",
                  "Comfy.Release.Status": "skipped", "Comfy.Minimap.Visible": False}
 READY_JS = """() => !!(window.app && app.graph && app.canvas && app.extensionManager?.setting
     && (app.extensions || []).some(e => e.name === 'comfyui-zimage-vl'))"""

@@ -30,6 +30,8 @@ const ops = {
   },
   click: ({ selector }) => page.click(selector).then(() => null),
   press: ({ key }) => page.keyboard.press(key).then(() => null),
+  type: ({ text }) => page.keyboard.type(text, { delay: 20 }).then(() => null),
+  dblclick: ({ x, y }) => page.mouse.dblclick(x, y).then(() => null),
   box: ({ selector }) => page.locator(selector).first().boundingBox(),
   screenshot: ({ path, clip }) => page.screenshot({ path, clip: clip ?? undefined }).then(() => path),
   viewport: ({ width, height }) => page.setViewportSize({ width, height }).then(() => null),

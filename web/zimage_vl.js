@@ -224,11 +224,29 @@ class BlockWeightEditor {
   }
 }
 
+/** Call onChange after every assignment to widget.value (typing, undo, paste, load, other extensions). */
+function watchValue(widget, onChange) {
+  let owner = widget;
+  let desc;
+  while (owner && !(desc = Object.getOwnPropertyDescriptor(owner, "value"))) owner = Object.getPrototypeOf(owner);
+  if (!desc) return;
+  let stored = desc.value;
+  const get = desc.get ?? (() => stored);
+  const set = desc.set ?? ((v) => { stored = v; });
+  Object.defineProperty(widget, "value", {
+    configurable: true,
+    enumerable: true,
+    get() { return get.call(this); },
+    set(v) { set.call(this, v); onChange(); },
+  });
+}
+
 function addBlockEditor(node) {
   const text = node.widgets?.find((w) => w.name === "block_weights");
   if (!text || node.widgets.some((w) => w.name === EDITOR_WIDGET)) return;
   installCss();
   const editor = new BlockWeightEditor(node, text);
+  watchValue(text, () => editor.sync());
   // appended after every input widget and never serialized, so widgets_values keep the node's own order
   const widget = node.addDOMWidget(EDITOR_WIDGET, "zimage_vl_block_editor", editor.root, {
     serialize: false,
@@ -236,7 +254,7 @@ function addBlockEditor(node) {
     setValue: () => {},
     getMinHeight: () => 110,
     getMaxHeight: () => 160,
-    onDraw: () => editor.sync(), // picks up any change of the string (typing, undo, paste, load)
+    onDraw: () => editor.sync(), // a cheap check per frame besides the value watch
   });
   widget.serialize = false;
   widget.editor = editor;

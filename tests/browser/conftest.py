@@ -19,8 +19,9 @@ from tools.browser_bridge import Browser, skip_reason
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = Path(os.environ.get("ZIMAGE_VL_BROWSER_ARTIFACTS", REPO_ROOT / "out" / "browser"))
 SKIP = HOST_SKIP_REASON or skip_reason()
-# first-run dialogs (welcome templates browser, release notes) would cover the canvas
-USER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": True,
+# first-run dialogs (welcome templates browser, release notes) would cover the canvas; a restored previous
+# session would replace the graph a test just loaded
+USER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.Persist": False,
                  "Comfy.Release.Version": "99.0.0", "Comfy.Release.Status": "skipped"}
 # the page is ready once the graph, the settings store and this pack's extension are there
 READY_JS = """() => !!(window.app && app.graph && app.canvas && app.extensionManager?.setting
