@@ -62,7 +62,7 @@ class Browser:
             raise BrowserError(f"browser bridge died during {op}: {self.proc.stderr.read()[-3000:]}")
         reply = json.loads(line)
         if not reply["ok"]:
-            raise BrowserError(f"{op} failed: {reply['error']}\n--- page console ---\n" + "\n".join(self.logs()))
+            raise BrowserError(f"{op} failed: {reply['error']}\n--- page console (tail) ---\n" + "\n".join(self.logs()[-12:]))
         return reply["result"]
 
     def goto(self, url: str):

@@ -55,7 +55,7 @@ function showReport(node, text) {
   widget.area.value = text;
   const lines = text.split("\n");
   const shown = Math.min(lines.length, Math.max(3, Number(setting(SETTING_REPORT_LINES, 24))));
-  widget.contentHeight = shown * REPORT_LINE_PX + 12; // + textarea padding/border
+  widget.contentHeight = shown * REPORT_LINE_PX + 12 + 16; // + padding/border + a horizontal scrollbar
   const longest = Math.max(...lines.map((l) => l.length));
   const width = Math.min(900, Math.max(node.size[0], Math.ceil(longest * REPORT_CHAR_PX) + 40));
   const needed = node.computeSize([width, node.size[1]]);

@@ -163,13 +163,18 @@ def test_block_count_setting_redraws_the_bars_and_the_thirds(page):
 
 def test_help_page_opens_from_the_node_and_names_its_inputs(page):
     load(page, load_ui_workflow(INJECTION))
-    page.evaluate(SHOW_BARS_JS, DIT)
-    page.evaluate(f"() => {{ app.canvas.deselectAll(); app.canvas.select(app.graph.nodes.find((n) => n.type === '{DIT}')); }}")
-    page.click("[data-testid=info-button]")
-    text = page.wait_for("""() => { const h = [...document.querySelectorAll('h1, h2')].find((e) => e.textContent.includes('block-weight editor'));
-                                    return h ? h.closest('div').parentElement.innerText : null; }""", timeout_s=30)
-    for name in ("model", "vl_embeds", "method", "strength", "block_weights", "start_percent", "token_budget", "vl_rope"):
-        assert name in text
+    page.evaluate(SHOW_BARS_JS, DIT)  # the node's title bar is now at (300, 120 - title height / 2) in the canvas
+    c = page.evaluate("() => { const r = app.canvasEl.getBoundingClientRect(); return [r.x, r.y]; }")
+    page.drag([(c[0] + 360, c[1] + 105), (c[0] + 360, c[1] + 105)])  # a click on the title selects the node
+    page.click("[data-testid=info-button]")  # the selection toolbox's Info: the node's help page
+    text = page.wait_for("""() => { const h = [...document.querySelectorAll('h2')].find((e) => e.textContent === 'The block-weight editor');
+                                    return h ? h.parentElement.innerText : null; }""", timeout_s=30)
+    inputs = page.evaluate(f"""() => {{ const n = app.graph.nodes.find((n) => n.type === '{DIT}');
+        return [...new Set([...n.inputs.map((i) => i.name), ...n.widgets.map((w) => w.name)])]
+            .filter((name) => !name.startsWith('zimage_vl')); }}""")
+    assert "block_weights" in inputs and "vl_rope" in inputs
+    for name in inputs:
+        assert name in text, f"the help page shown in the editor does not name input {name}"
 
 
 def test_blueprint_from_the_node_search_becomes_one_subgraph_node(page):
@@ -195,9 +200,13 @@ def test_blueprint_from_the_node_search_becomes_one_subgraph_node(page):
 
 def test_template_browser_shows_the_packs_thumbnails(page):
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.wait_for("() => !!document.querySelector('input[placeholder^=Search]')", timeout_s=30)
+    page.click("input[placeholder^=Search]")
+    page.type_text("zimage_vl")
     card = f"[data-testid='template-workflow-{STYLE}']"
-    loaded = page.wait_for(f"""() => {{ const img = document.querySelector("{card} img");
-        return img && img.complete && img.naturalWidth > 0 ? img.src : null; }}""", timeout_s=30)
+    loaded = page.wait_for(f"""() => {{ const img = [...document.querySelectorAll("{card} img")]
+            .find((i) => i.src.endsWith('.jpg') && i.complete && i.naturalWidth > 0);
+        return img ? img.src : null; }}""", timeout_s=30)
     assert loaded.endswith(f"/workflow_templates/{urllib.parse.quote(PACK_LINK_NAME)}/{STYLE}.jpg")
     page.press("Escape")
 
