@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.parse
 
 import pytest
 
@@ -200,14 +199,16 @@ def test_blueprint_from_the_node_search_becomes_one_subgraph_node(page):
 
 def test_template_browser_shows_the_packs_thumbnails(page):
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
-    page.wait_for("() => !!document.querySelector('input[placeholder^=Search]')", timeout_s=30)
-    page.click("input[placeholder^=Search]")
+    search = "[role=dialog] input[placeholder^=Search]"
+    page.wait_for(f"() => !!document.querySelector('{search}')", timeout_s=30)
+    page.click(search)
     page.type_text("zimage_vl")
-    card = f"[data-testid='template-workflow-{STYLE}']"
-    loaded = page.wait_for(f"""() => {{ const img = [...document.querySelectorAll("{card} img")]
-            .find((i) => i.src.endsWith('.jpg') && i.complete && i.naturalWidth > 0);
-        return img ? img.src : null; }}""", timeout_s=30)
-    assert loaded.endswith(f"/workflow_templates/{urllib.parse.quote(PACK_LINK_NAME)}/{STYLE}.jpg")
+    # the card shows our 512² JPEG (the frontend fetches it and displays a blob: URL), not the placeholder
+    for name in (STYLE, INJECTION):
+        size = page.wait_for(f"""() => {{ const img = document.querySelector("[data-testid='template-workflow-{name}'] img");
+            return img && img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : null; }}""",
+                             timeout_s=30)
+        assert size == [512, 512], (name, size)
     page.press("Escape")
 
 
