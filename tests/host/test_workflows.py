@@ -701,6 +701,8 @@ def test_layer_out_of_range_names_the_valid_range(comfy_server):
 def test_frontend_extension_is_served(comfy_server):
     listed = comfy_server.get_json("/extensions")
     ours = [u for u in listed if "/comfyui-zimage-vl/" in u]
-    assert ours == ["/extensions/comfyui-zimage-vl/zimage_vl.js"], listed
-    js = comfy_server.get_bytes(ours[0]).decode()
+    # zimage_vl.js and the pure module it imports (block_weights_core.js); help pages are .md, not scripts
+    assert sorted(ours) == ["/extensions/comfyui-zimage-vl/block_weights_core.js",
+                            "/extensions/comfyui-zimage-vl/zimage_vl.js"], listed
+    js = comfy_server.get_bytes("/extensions/comfyui-zimage-vl/zimage_vl.js").decode()
     assert "registerExtension" in js and "ZImageVL_Inspect" in js
