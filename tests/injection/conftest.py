@@ -94,6 +94,12 @@ def _import_pack():
     return importlib.import_module(PKG + ".nodes.injection")
 
 
+def injection_modules():
+    """(nodes.injection, nodes.injection_hooks, vl_core.inject_settings) of the imported pack."""
+    return tuple(sys.modules[PKG + name] for name in (".nodes.injection", ".nodes.injection_hooks",
+                                                         ".vl_core.inject_settings"))
+
+
 class Host(types.SimpleNamespace):
     """Modules and builders the tests use (one per session)."""
 
@@ -209,15 +215,16 @@ def patches_of(model, name: str) -> list:
 # --------------------------------------------------------------------------- instrumentation
 
 def without_injection(transformer_options: dict) -> dict:
-    """A copy of transformer_options with this pack's wrapper, patches and per-call state removed."""
+    """A copy of transformer_options with every injection's wrapper, patches and per-call state removed."""
     injection = sys.modules[PKG + ".nodes.injection"]
     to = dict(transformer_options)
     to.pop(injection.STATE_KEY, None)
     if "wrappers" in to:
-        to["wrappers"] = {kind: {key: list(fns) for key, fns in by_key.items() if key != injection.PATCH_KEY}
+        to["wrappers"] = {kind: {key: list(fns) for key, fns in by_key.items()
+                                 if not str(key).startswith(injection.PATCH_KEY)}
                           for kind, by_key in to["wrappers"].items()}
     if "patches" in to:
-        to["patches"] = {name: [p for p in ps if getattr(p, "zimage_vl_key", None) != injection.PATCH_KEY]
+        to["patches"] = {name: [p for p in ps if getattr(p, "zimage_vl_key", None) is None]
                          for name, ps in to["patches"].items()}
     return to
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -501,13 +502,16 @@ def test_node_schema_and_execute(host, base, vl):
 
 def test_sigma_is_read_once_per_call_and_not_at_all_for_the_whole_run(host, base, vl, monkeypatch):
     calls = []
-    real = host.injection.sigma_reader
+    hooks = sys.modules[host.injection.__package__ + ".injection_hooks"]
+    methods = sys.modules[host.injection.__package__ + ".injection_methods"]
+    real = hooks.sigma_reader
 
     def spy(sigmas):
         calls.append(float(sigmas.reshape(-1)[0]))
         return real(sigmas)
 
-    monkeypatch.setattr(host.injection, "sigma_reader", spy)
+    monkeypatch.setattr(hooks, "sigma_reader", spy)
+    monkeypatch.setattr(methods, "sigma_reader", spy)
     for method in METHODS:
         host.sample(apply(host, base, vl, method=method), steps=2, size=SMALL)
     assert calls == []  # full window, constant schedule: no sigma read at all
