@@ -25,10 +25,11 @@ WIDTH_HINT = ("use Qwen3-VL-4B (its 2560-d hidden states match Z-Image's Qwen3-4
               "Qwen3-VL-8B (4096-d) and other encoders cannot condition Z-Image")
 
 
-def build_injection(model, vl, *, method: str, key: str = PATCH_KEY, **settings) -> Injection:
+def build_injection(model, vl, *, method: str, node_id=None, **settings) -> Injection:
     """Validate everything against the model and return the Injection (raises ValueError with the fix).
 
-    settings: the node's inputs strength … vl_rope (schedule may also be given as schedule_name).
+    settings: the node's inputs strength … vl_rope (schedule may also be given as schedule_name); node_id names
+    the application (its key, injection_key(node_id)): None = the one fixed key of a script.
     """
     chosen = method_named(method)
     vl = check_vl_embeds("vl_embeds", vl)
@@ -42,13 +43,13 @@ def build_injection(model, vl, *, method: str, key: str = PATCH_KEY, **settings)
     if tokens.shape[1] == 0:
         raise ValueError("vl_embeds has no tokens: check the token mode / spans of the encoding")
     tokens = tokens.reshape(1, -1, tokens.shape[-1])  # several images: their tokens side by side
-    return Injection(chosen, validated, tokens, key=key)
+    return Injection(chosen, validated, tokens, key=injection_key(node_id))
 
 
-def apply_injection(model, vl, *, key: str = PATCH_KEY, **settings):
-    """model.clone() with the injection installed under `key` (the node's execute, usable from scripts and the
-    bench). The same key replaces an earlier injection; another key adds one after those already there."""
-    injection = build_injection(model, vl, key=key, **settings)
+def apply_injection(model, vl, *, node_id=None, **settings):
+    """model.clone() with the injection installed (the node's execute, usable from scripts and the bench).
+    The same node_id replaces an earlier injection; another adds one after those already there."""
+    injection = build_injection(model, vl, node_id=node_id, **settings)
     patched = model.clone()
     install_injection(patched, injection)
     return patched
@@ -112,7 +113,7 @@ class DiTInjection(io.ComfyNode):
                 start_percent: float, end_percent: float, schedule: str, apply_to: str, token_budget: int,
                 vl_rope: str) -> io.NodeOutput:
         hidden = getattr(cls, "hidden", None)
-        patched = apply_injection(model, vl_embeds, key=injection_key(getattr(hidden, "unique_id", None)),
+        patched = apply_injection(model, vl_embeds, node_id=getattr(hidden, "unique_id", None),
                                   method=method, strength=strength, block_weights=block_weights,
                                   caption_mode=caption_mode, start_percent=start_percent, end_percent=end_percent,
                                   schedule=schedule, apply_to=apply_to, token_budget=token_budget, vl_rope=vl_rope)

@@ -21,9 +21,7 @@ def zimage_diffusion_model(model):
     dit = model.get_model_object("diffusion_model")
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
-    cap = getattr(dit, "cap_embedder", None)
-    if not isinstance(dit, lumina.NextDiT) or not isinstance(cap, torch.nn.Sequential) or len(cap) < 2 \
-            or not hasattr(dit, "context_refiner") or not hasattr(dit, "layers"):
+    if not isinstance(dit, lumina.NextDiT):  # every NextDiT has cap_embedder, context_refiner and layers
         raise ValueError(f"DiT Layer Injection needs a Z-Image model (ComfyUI's NextDiT with a caption embedder), "
                          f"got {type(base if base is not None else model).__name__} / {type(dit).__name__}: load "
                          "z_image_turbo_bf16.safetensors with UNETLoader")
