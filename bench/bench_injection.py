@@ -11,6 +11,7 @@ CFG 1, shift 3) on a 128×128 latent (1024² image) with a 32-token caption, for
     caption_stream@30 cosine      the same with a cosine schedule (the step's sigma is read on the host)
     caption_stream hooks, w=0     reference only: the caption_stream hooks with every block weight 0
     extra_attention N             method="extra_attention", all 30 blocks, token_budget N
+    2 chained extra_attention N   two DiT Layer Injection applications on one model (own keys), first N
     concat N                      method="concat", token_budget N (N VL tokens appended to the caption)
 
 for N in (256, 1024) (the VL input has 1054 tokens, a 1024² image, area-pooled to N). Configurations
@@ -187,6 +188,10 @@ def main(argv=None):
     for n in budgets:
         configs[f"extra_attention {n}"] = injection.apply_injection(base, vl, method="extra_attention", strength=0.5,
                                                                     block_weights="all", token_budget=n)
+    first = injection.apply_injection(base, vl, node_id="a", method="extra_attention", strength=0.5,
+                                      block_weights="all", token_budget=budgets[0])
+    configs[f"2 chained extra_attention {budgets[0]}"] = injection.apply_injection(
+        first, vl, node_id="b", method="extra_attention", strength=0.5, block_weights="all", token_budget=budgets[0])
     for n in budgets:
         configs[f"concat {n}"] = injection.apply_injection(base, vl, method="concat", strength=0.5,
                                                            block_weights="all", token_budget=n)

@@ -1,4 +1,4 @@
-"""Pure-torch math of the DiT layer injection (no comfy import); the ComfyUI glue is nodes/injection.py.
+"""Pure-torch math of the DiT layer injection (no comfy import); the ComfyUI glue is nodes/injection*.py.
 
 Notation: B batch, L tokens, D model width, H query heads, Hkv key/value heads, d head width (D = H·d).
 
@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checks import require_choice
+from .pooling import match_length
+
 CAPTION_MODES = ("lerp", "add")
 APPLY_TO = ("cond_only", "both")
 
@@ -34,8 +37,7 @@ def chunk_rows(cond_or_uncond: Sequence[int] | None, batch: int, apply_to: str) 
     cond_or_uncond None/empty (a direct model call): the whole batch is treated as conditional.
     Adjacent runs are merged.
     """
-    if apply_to not in APPLY_TO:
-        raise ValueError(f"apply_to must be one of {APPLY_TO}, got {apply_to!r}")
+    require_choice("apply_to", apply_to, APPLY_TO)
     if batch < 1:
         return []
     if not cond_or_uncond or apply_to == "both":
@@ -54,6 +56,11 @@ def chunk_rows(cond_or_uncond: Sequence[int] | None, batch: int, apply_to: str) 
         else:
             runs.append((s, e))
     return runs
+
+
+def rows_within(rows: Rows, start: int, end: int) -> Rows:
+    """The parts of the runs inside [start, end), shifted to start at 0 (the rows of a sub-batch)."""
+    return [(max(s, start) - start, min(e, end) - start) for s, e in rows if s < end and e > start]
 
 
 def rows_cover(rows: Rows, batch: int) -> bool:
@@ -76,8 +83,7 @@ def caption_update_(txt: torch.Tensor, vl: torch.Tensor, weight: float, mode: st
 
     vl [1|B, L, D] in txt's dtype/device (a batch-1 vl broadcasts). w = 0 leaves txt untouched (no op).
     """
-    if mode not in CAPTION_MODES:
-        raise ValueError(f"caption mode must be one of {CAPTION_MODES}, got {mode!r}")
+    require_choice("caption mode", mode, CAPTION_MODES)
     if weight == 0.0:
         return
     if vl.shape[-2:] != txt.shape[-2:]:
@@ -198,8 +204,90 @@ def padded_length(n: int, multiple: int | None) -> int:
     return n + (-n) % multiple
 
 
+def pool_to_budget(tokens: torch.Tensor, budget: int) -> torch.Tensor:
+    """tokens [B, N, D] area-pooled to `budget` tokens when 0 < budget < N (pooling.match_length "pool"); else as is.
+
+    budget 0 = all tokens; a budget above N never up-samples.
+    """
+    if 0 < budget < tokens.shape[1]:
+        return match_length(tokens, budget, "pool")
+    return tokens
+
+
+def image_token_count(height: int, width: int, patch: int, multiple: int | None) -> int:
+    """Image tokens of a [.., H, W] latent in Z-Image's sequence: ⌈H/p⌉·⌈W/p⌉ padded to the pad multiple."""
+    return padded_length((-(-height // patch)) * (-(-width // patch)), multiple)
+
+
+def vl_keys_values(hidden: torch.Tensor, scale_msa: torch.Tensor, *, norm: Callable, project_kv: Callable,
+                   k_norm: Callable, n_heads: int, n_kv_heads: int, head_dim: int,
+                   freqs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [B, H, n, d] of the embedded VL tokens through one main block (the block's own functions passed in).
+
+    h = norm(hidden)·(1 + scale_msa);  k, v = split(project_kv(h));  k ← k_norm(k), then RoPE(freqs) when given;
+    both repeated to the H query heads (grouped-query layout).
+    """
+    h = modulate(norm(hidden), scale_msa)
+    k, v = split_kv(project_kv(h), n_heads, n_kv_heads, head_dim)
+    k = k_norm(k)
+    if freqs is not None:
+        k = apply_rope(k, freqs)
+    n_rep = n_heads // n_kv_heads
+    return repeat_kv(k, n_rep).movedim(1, 2), repeat_kv(v, n_rep).movedim(1, 2)
+
+
+def add_decoupled_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: float,
+                            image_tokens: int, rows: Rows, attention: Callable | None = None) -> torch.Tensor:
+    """out[rows, −Li:] += w·softmax(q_img·kᵀ/√d)·v with q_img = q[rows, :, −Li:] (Li = image_tokens).
+
+    out [B, L, H·d] (the block's attention output), q [B, H, L, d]; in place when allowed, else on a copy.
+    """
+    start = q.shape[2] - image_tokens
+    extra = decoupled_attention(gather_rows(q, rows)[:, :, start:], k, v, attention=attention)
+    if not inplace_ok(out):
+        out = out.clone()
+    add_scaled_(out, extra, weight, start, rows)
+    return out
+
+
+Segment = tuple[int, int, bool]  # [start, end) of a batch and whether the injection acts on it
+
+
+def batch_segments(rows: Rows, batch: int) -> list[Segment]:
+    """The batch [0, batch) cut at the selected row runs, in order: selected runs and the gaps between them."""
+    segments, pos = [], 0
+    for s, e in rows:
+        if pos < s:
+            segments.append((pos, s, False))
+        segments.append((s, e, True))
+        pos = e
+    if pos < batch:
+        segments.append((pos, batch, False))
+    return segments
+
+
+def cut_batch(value, start: int, end: int, batch: int):
+    """value[start:end] for a tensor whose first dim is the batch; any other value unchanged."""
+    return value[start:end] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch else value
+
+
+def cut_chunk_list(values, start: int, end: int, batch: int, chunks: int):
+    """The entries of a per-chunk list (cond_or_uncond, uuids) that rows [start, end) cover; others unchanged."""
+    if not isinstance(values, list) or chunks < 1 or len(values) != chunks:
+        return values
+    size = batch // chunks
+    return values[start // size:end // size]
+
+
+def run_by_segments(rows: Rows, batch: int, run: Callable[[int, int, bool], torch.Tensor]) -> torch.Tensor:
+    """torch.cat([run(s, e, selected) for each of batch_segments(rows, batch)], dim 0): a batch whose selected
+    rows need another model call than the others (e.g. a longer caption), as one call per segment."""
+    return torch.cat([run(s, e, selected) for s, e, selected in batch_segments(rows, batch)], dim=0)
+
+
 __all__ = [
-    "APPLY_TO", "CAPTION_MODES", "add_scaled_", "apply_rope", "caption_update", "caption_update_", "chunk_rows",
-    "decoupled_attention", "gather_rows", "inplace_ok", "modulate", "padded_length", "repeat_kv", "rms_norm_heads",
-    "rows_cover", "sdpa_heads", "split_kv",
+    "APPLY_TO", "CAPTION_MODES", "add_decoupled_attention", "add_scaled_", "apply_rope", "batch_segments",
+    "caption_update", "caption_update_", "chunk_rows", "cut_batch", "cut_chunk_list", "decoupled_attention",
+    "gather_rows", "image_token_count", "inplace_ok", "modulate", "padded_length", "pool_to_budget", "repeat_kv",
+    "rms_norm_heads", "rows_cover", "rows_within", "run_by_segments", "sdpa_heads", "split_kv", "vl_keys_values",
 ]

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from .checks import require_choice
 
 PRESETS = ("all", "early", "middle", "late")
 SCHEDULES = ("constant", "linear_up", "linear_down", "cosine")
@@ -56,10 +58,9 @@ def preset_blocks(name: str, num_blocks: int) -> list[int]:
     """Block indices of a preset: all = 0..n−1; early / middle / late = the blocks with segment 0 / 1 / 2."""
     _require_num_blocks(num_blocks)
     key = name.strip().lower()
+    require_choice("block preset", key, PRESETS)
     if key == "all":
         return list(range(num_blocks))
-    if key not in PRESETS:
-        raise ValueError(f"unknown block preset {name!r}: expected one of {', '.join(PRESETS)}")
     seg = PRESETS.index(key) - 1
     return [i for i in range(num_blocks) if segment(i, num_blocks) == seg]
 
@@ -91,10 +92,10 @@ def parse_block_weights(spec: str, num_blocks: int) -> list[float]:
             if not math.isfinite(weight):
                 raise ValueError(f"weight {wtext!r} of {entry!r} in block_weights must be finite")
         if target[0].isalpha() or target[0] == "_":
-            if target.lower() not in PRESETS:
-                raise ValueError(f"unknown block preset {target!r} in block_weights {spec!r}: expected one of "
-                                 f"{', '.join(PRESETS)} or block numbers; {SPEC_HELP}")
-            blocks = preset_blocks(target, num_blocks)
+            try:
+                blocks = preset_blocks(target, num_blocks)
+            except ValueError as e:
+                raise ValueError(f"{e} or block numbers, in block_weights {spec!r}; {SPEC_HELP}") from None
         else:
             lo, _, hi = target.partition("-")
             lo = int(lo)
@@ -110,29 +111,10 @@ def parse_block_weights(spec: str, num_blocks: int) -> list[float]:
     return weights
 
 
-def format_block_weights(weights: Sequence[float]) -> str:
-    """Compact canonical string of a weight list (runs of equal non-zero weights as ranges); '' if all 0.
-
-    parse_block_weights(format_block_weights(w), len(w)) == w for finite w whose repr round-trips.
-    """
-    parts = []
-    i, n = 0, len(weights)
-    while i < n:
-        w = float(weights[i])
-        j = i
-        while j + 1 < n and float(weights[j + 1]) == w:
-            j += 1
-        if w != 0.0:
-            parts.append(f"{i}:{w!r}" if i == j else f"{i}-{j}:{w!r}")
-        i = j + 1
-    return ", ".join(parts)
-
-
 def schedule_value(name: str, u: float) -> float:
     """Strength factor s(u) at window progress u ∈ [0, 1] (clamped): constant 1, linear_up u, linear_down 1−u,
     cosine ½(1 + cos πu)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}: expected one of {', '.join(SCHEDULES)}")
+    require_choice("schedule", name, SCHEDULES)
     u = min(1.0, max(0.0, float(u)))
     if name == "constant":
         return 1.0
@@ -176,13 +158,13 @@ class TimestepWindow:
 
     def __init__(self, start_percent: float = 0.0, end_percent: float = 1.0, schedule: str = "constant"):
         start, end = float(start_percent), float(end_percent)
-        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
-            raise ValueError(f"start_percent and end_percent must lie in [0, 1], got {start} and {end}")
+        for name, value in (("start_percent", start), ("end_percent", end)):
+            if not 0.0 <= value <= 1.0:  # also refuses NaN
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
         if start >= end:
             raise ValueError(f"start_percent ({start}) must be below end_percent ({end}): the injection would never "
                              "act (0 = first step, 1 = last)")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        require_choice("schedule", schedule, SCHEDULES)
         self.start, self.end, self.schedule = start, end, schedule
 
     def bounds(self, percent_to_sigma: Callable[[float], float]) -> tuple[float, float]:

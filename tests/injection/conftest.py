@@ -117,7 +117,7 @@ def host():
     return Host(torch=torch, comfy=sys.modules["comfy"], injection=injection, VLEmbeds=types_mod.VLEmbeds,
                 make_model=make_model, make_vl=make_vl, make_cond=make_cond, sample=sample,
                 patches_of=patches_of, CallRecorder=CallRecorder, BlockRecorder=BlockRecorder,
-                DoubleBlockObserver=DoubleBlockObserver, flux_model=flux_model,
+                DoubleBlockObserver=DoubleBlockObserver, flux_model=flux_model, lumina2_model=lumina2_model,
                 without_injection=without_injection)
 
 
@@ -209,15 +209,16 @@ def patches_of(model, name: str) -> list:
 # --------------------------------------------------------------------------- instrumentation
 
 def without_injection(transformer_options: dict) -> dict:
-    """A copy of transformer_options with this pack's wrapper, patches and per-call state removed."""
+    """A copy of transformer_options with every injection's wrapper, patches and per-call state removed."""
     injection = sys.modules[PKG + ".nodes.injection"]
     to = dict(transformer_options)
     to.pop(injection.STATE_KEY, None)
     if "wrappers" in to:
-        to["wrappers"] = {kind: {key: list(fns) for key, fns in by_key.items() if key != injection.PATCH_KEY}
+        to["wrappers"] = {kind: {key: list(fns) for key, fns in by_key.items()
+                                 if not str(key).startswith(injection.PATCH_KEY)}
                           for kind, by_key in to["wrappers"].items()}
     if "patches" in to:
-        to["patches"] = {name: [p for p in ps if getattr(p, "zimage_vl_key", None) != injection.PATCH_KEY]
+        to["patches"] = {name: [p for p in ps if getattr(p, "zimage_vl_key", None) is None]
                          for name, ps in to["patches"].items()}
     return to
 
@@ -309,6 +310,23 @@ def flux_model():
            "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": False, "patch_size": 2,
            "txt_ids_dims": []}
     mc = comfy.supported_models.Flux(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    return comfy.model_patcher.ModelPatcher(mc.get_model({}), load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def lumina2_model():
+    """A tiny ComfyUI Lumina 2 (same NextDiT class and widths as the tiny Z-Image, not Z-Image), for the refusal
+    test: comfy.supported_models.Lumina2 with the lumina2 detection branch's keys, no Z-Image modulation."""
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 256,
+           "n_layers": 2, "qk_norm": True, "n_heads": 2, "n_kv_heads": 1, "axes_dims": [32, 48, 48],
+           "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}
+    mc = comfy.supported_models.Lumina2(cfg)
     mc.set_inference_dtype(torch.float32, None)
     return comfy.model_patcher.ModelPatcher(mc.get_model({}), load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())

@@ -203,3 +203,81 @@ def test_add_scaled_only_touches_selected_rows_after_start():
 @pytest.mark.parametrize("n, m, want", [(20, 32, 32), (32, 32, 32), (33, 32, 64), (0, 32, 0), (7, None, 7), (7, 0, 7)])
 def test_padded_length(n, m, want):
     assert inject.padded_length(n, m) == want
+
+
+# --------------------------------------------------------------------------- pooling, segments, K/V recipe
+
+def test_pool_to_budget():
+    x = rand(1, 10, 4)
+    assert inject.pool_to_budget(x, 0) is x and inject.pool_to_budget(x, 10) is x and inject.pool_to_budget(x, 99) is x
+    pooled = inject.pool_to_budget(x, 5)
+    assert torch.allclose(pooled, x.reshape(1, 5, 2, 4).mean(2))
+
+
+def test_image_token_count():
+    assert inject.image_token_count(64, 64, 2, 32) == 1024
+    assert inject.image_token_count(5, 7, 2, 32) == 32  # 3 x 4 = 12, padded to 32
+    assert inject.image_token_count(5, 7, 2, None) == 12
+
+
+@pytest.mark.parametrize("rows, batch, want", [
+    ([(0, 2)], 4, [(0, 2, True), (2, 4, False)]),
+    ([(2, 4)], 4, [(0, 2, False), (2, 4, True)]),
+    ([(0, 1), (2, 3)], 4, [(0, 1, True), (1, 2, False), (2, 3, True), (3, 4, False)]),
+    ([(0, 4)], 4, [(0, 4, True)]),
+    ([], 3, [(0, 3, False)]),
+])
+def test_batch_segments_cover_the_batch_in_order(rows, batch, want):
+    assert inject.batch_segments(rows, batch) == want
+    calls = []
+    out = inject.run_by_segments(rows, batch, lambda s, e, sel: calls.append((s, e, sel)) or torch.arange(s, e))
+    assert calls == want and torch.equal(out, torch.arange(batch))
+
+
+def test_cut_batch_and_chunk_lists():
+    x = rand(4, 3)
+    assert torch.equal(inject.cut_batch(x, 1, 3, 4), x[1:3])
+    assert inject.cut_batch(x, 1, 3, 5) is x and inject.cut_batch(7, 0, 1, 4) == 7
+    assert inject.cut_chunk_list([0, 1], 2, 4, 4, 2) == [1] and inject.cut_chunk_list([0, 1], 0, 4, 4, 2) == [0, 1]
+    assert inject.cut_chunk_list([0, 1, 2], 0, 2, 4, 2) == [0, 1, 2]  # not a per-chunk list: unchanged
+    assert inject.rows_within([(0, 2), (3, 5)], 1, 4) == [(0, 1), (2, 3)] and inject.rows_within([(0, 1)], 1, 2) == []
+
+
+def test_vl_keys_values_is_the_block_recipe():
+    """norm → ×(1 + scale) → fused projection → split → k-norm → RoPE → GQA repeat, by hand."""
+    b, n, heads, kv_heads, d = 2, 5, 4, 2, 8
+    hidden, scale = rand(1, n, heads * d, seed=1), rand(b, heads * d, seed=2)
+    weight = rand(2 * kv_heads * d, heads * d, seed=3)
+    angle = rand(1, n, 1, d // 2, seed=4)
+    freqs = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], -2)
+
+    def norm(x):
+        return x * 2.0
+
+    def k_norm(k):
+        return k / k.norm(dim=-1, keepdim=True)
+
+    k, v = inject.vl_keys_values(hidden, scale, norm=norm, project_kv=lambda h: h @ weight.T, k_norm=k_norm,
+                                 n_heads=heads, n_kv_heads=kv_heads, head_dim=d, freqs=freqs)
+    h = (hidden * 2.0) * (1 + scale[:, None])
+    proj = h @ weight.T
+    k_ref = k_norm(proj[..., :kv_heads * d].reshape(b, n, kv_heads, d))
+    k_ref = inject.apply_rope(k_ref, freqs)
+    v_ref = proj[..., kv_heads * d:].reshape(b, n, kv_heads, d)
+    assert k.shape == v.shape == (b, heads, n, d)
+    assert torch.allclose(k, k_ref.repeat_interleave(2, dim=2).movedim(1, 2), atol=1e-6)
+    assert torch.equal(v, v_ref.repeat_interleave(2, dim=2).movedim(1, 2))
+    k0, _ = inject.vl_keys_values(hidden, scale, norm=norm, project_kv=lambda h: h @ weight.T, k_norm=k_norm,
+                                  n_heads=heads, n_kv_heads=kv_heads, head_dim=d)
+    assert not torch.allclose(k0, k)  # no freqs: no rotation
+
+
+def test_add_decoupled_attention_touches_only_the_selected_image_rows():
+    b, heads, length, d, img = 3, 2, 7, 4, 5
+    out, q = rand(b, length, heads * d, seed=5), rand(b, heads, length, d, seed=6)
+    k, v = rand(1, heads, 3, d, seed=7), rand(1, heads, 3, d, seed=8)
+    got = inject.add_decoupled_attention(out.clone(), q, k, v, 0.5, img, [(1, 2)])
+    want = out.clone()
+    want[1:2, length - img:] += 0.5 * inject.sdpa_heads(q[1:2, :, length - img:], k, v)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert bits_equal(got[0], out[0]) and bits_equal(got[2], out[2]) and bits_equal(got[1, :length - img], out[1, :2])

@@ -8,7 +8,6 @@ from vl_core.schedule import (
     PRESETS,
     SCHEDULES,
     TimestepWindow,
-    format_block_weights,
     parse_block_weights,
     preset_blocks,
     schedule_value,
@@ -101,20 +100,6 @@ def test_bad_model_sizes_are_refused():
             parse_block_weights("all", n)
     with pytest.raises(ValueError, match="unknown block preset"):
         preset_blocks("tail", 10)
-
-
-@FAST
-@given(st.lists(st.sampled_from([0.0, 1.0, 0.5, -0.25, 1e-3, 2.0]), min_size=1, max_size=40))
-def test_format_round_trips(weights):
-    text = format_block_weights(weights)
-    if any(weights):
-        assert parse_block_weights(text, len(weights)) == weights
-    else:
-        assert text == ""
-
-
-def test_format_is_compact():
-    assert format_block_weights([1.0] * 10 + [0.5] * 10 + [0.0] * 10) == "0-9:1.0, 10-19:0.5"
 
 
 # --------------------------------------------------------------------------- schedules

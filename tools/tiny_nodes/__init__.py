@@ -8,6 +8,7 @@ generator so that two builds with the same seed are bit-identical.
 
 Nodes:
   TinyZImageModel       -> MODEL  (comfy.supported_models.ZImage, dim 256, 2 layers)
+  TinyLumina2Model      -> MODEL  (comfy.supported_models.Lumina2, the same NextDiT shape: not Z-Image)
   TinyZImageTextEncoder -> CLIP   (ZImageTokenizer + Qwen3_4BModel, hidden 256, 4 layers)
   TinyQwen3VLClip       -> CLIP   (tools/tiny_models.make_native_tiny_qwen3vl_clip)
   TinyVAE               -> VAE    (comfy.sd.VAE from a tiny 16-channel Flux-layout state dict)
@@ -108,9 +109,12 @@ def deterministic_fill_(module: torch.nn.Module, seed: int, gain: float = 1.0) -
 
 # --------------------------------------------------------------------------- builders
 
-def build_tiny_zimage_model(seed: int = 0, cap_feat_dim: int = 256):
+def build_tiny_zimage_model(seed: int = 0, cap_feat_dim: int = 256, config_class=comfy.supported_models.ZImage):
     unet_config = tiny_zimage_unet_config(cap_feat_dim)
-    model_config = comfy.supported_models.ZImage(unet_config)
+    if config_class is comfy.supported_models.Lumina2:  # the same NextDiT without Z-Image's own settings
+        for key in ("z_image_modulation", "time_scale", "pad_tokens_multiple"):
+            unet_config.pop(key)
+    model_config = config_class(unet_config)
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     dtype = torch.float32
@@ -218,6 +222,13 @@ class TinyZImageModel:
         return (build_tiny_zimage_model(seed, cap_feat_dim),)
 
 
+class TinyLumina2Model(TinyZImageModel):
+    DESCRIPTION = "TEST ONLY: tiny Lumina 2 NextDiT (the Z-Image class and widths, not Z-Image), for refusals."
+
+    def build(self, seed, cap_feat_dim):
+        return (build_tiny_zimage_model(seed, cap_feat_dim, comfy.supported_models.Lumina2),)
+
+
 class TinyZImageTextEncoder:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CLIP",)
@@ -270,6 +281,7 @@ class TinyVAE:
 
 NODE_CLASS_MAPPINGS = {
     "TinyZImageModel": TinyZImageModel,
+    "TinyLumina2Model": TinyLumina2Model,
     "TinyZImageTextEncoder": TinyZImageTextEncoder,
     "TinyQwen3VLClip": TinyQwen3VLClip,
     "TinyVAE": TinyVAE,
@@ -277,6 +289,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TinyZImageModel": "Tiny Z-Image model (TEST)",
+    "TinyLumina2Model": "Tiny Lumina 2 model (TEST)",
     "TinyZImageTextEncoder": "Tiny Z-Image text encoder (TEST)",
     "TinyQwen3VLClip": "Tiny Qwen3-VL CLIP (TEST)",
     "TinyVAE": "Tiny 16ch VAE (TEST)",
