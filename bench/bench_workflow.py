@@ -240,7 +240,8 @@ class Workflow:
                 torch.cuda.reset_peak_memory_stats(self.device)
                 start_alloc = torch.cuda.memory_allocated(self.device)
             t0 = time.perf_counter()
-            getattr(self, name)(st)
+            with torch.inference_mode():   # as ComfyUI's executor runs every node (see repro_decode_graph.py)
+                getattr(self, name)(st)
             be.sync(self.device)
             rows[name] = {"ms": 1e3 * (time.perf_counter() - t0)}
             if cuda:
