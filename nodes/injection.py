@@ -79,7 +79,8 @@ class DiTInjection(io.ComfyNode):
                                        "block (ignores strength and block_weights)."),
                 io.Float.Input("strength", default=0.5, min=-2.0, max=4.0, step=0.05,
                                tooltip="Multiplies every block weight: extra_attention scale, caption_stream lerp "
-                                       "weight (1 = caption replaced in that block). Must not be 0 (refused): bypass the node for the unchanged model."),
+                                       "weight (1 = caption replaced in that block). Must not be 0 (refused): "
+                                       "bypass the node for the unchanged model."),
                 io.String.Input("block_weights", default="all",
                                 tooltip="Which main blocks and how much: 'all', 'early' (structure), 'middle', "
                                         "'late' (detail), or '0-9:1.0, 10-19:0.5, 27:0' (0-based, later entries win, "
