@@ -89,7 +89,7 @@ class SteeringDirection(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers: str = "-6", **_) -> bool | str:
+    def validate_inputs(cls, layers: str = "-6") -> bool | str:  # only layers: ComfyUI checks the rest
         try:
             extract.parse_layers(layers, 10_000)
         except ValueError as e:

@@ -36,3 +36,11 @@ def require_tokens(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a tensor [batch, tokens, dims], got {shape}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def require_same_encoding(name: str, embeds, ref_name: str, ref, *, what: str) -> None:
+    """Raise ValueError unless two VL encodings share width and layers (`what` = which inputs, for the fix)."""
+    require_width(name, embeds.width, ref_name, ref.width, hint=f"encode {what} with the same Qwen3-VL model")
+    if embeds.layers != ref.layers:
+        raise ValueError(f"{name} holds layers {embeds.layers} but {ref_name} holds {ref.layers}: encode {what} "
+                         "with the same layers")

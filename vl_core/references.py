@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .checks import require_choice, require_finite, require_width
+from .checks import require_choice, require_finite, require_same_encoding
 from .pooling import match_length
 from .types import VLEmbeds
 
@@ -40,11 +40,7 @@ def _check_refs(name: str, refs: Sequence[VLEmbeds], like: VLEmbeds) -> None:
         if not isinstance(r, VLEmbeds):
             raise ValueError(f"{name} #{i + 1} must come from a VL Encode / Load VL Embeddings node, got "
                              f"{type(r).__name__}")
-        require_width(f"{name} #{i + 1}", r.width, "reference #1", like.width,
-                      hint="encode every reference with the same Qwen3-VL model")
-        if r.layers != like.layers:
-            raise ValueError(f"{name} #{i + 1} holds layers {r.layers} but reference #1 holds {like.layers}: encode "
-                             "every reference with the same layers")
+        require_same_encoding(f"{name} #{i + 1}", r, "reference #1", like, what="every reference")
         if r.num_tokens < 1:
             raise ValueError(f"{name} #{i + 1} has no tokens: check its token mode")
         for layer, t in r.hidden.items():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import require_choice, require_finite, require_tokens, require_width
+from .checks import require_choice, require_finite, require_same_encoding, require_tokens, require_width
 from .pooling import match_length
 from .stats import EPS
 from .types import VLEmbeds
@@ -115,11 +115,7 @@ def _check_sets(positives: Sequence[VLEmbeds], negatives: Sequence[VLEmbeds]) ->
     first = positives[0]
     for name, group in (("positive", positives), ("negative", negatives)):
         for i, e in enumerate(group):
-            require_width(f"{name} #{i + 1}", e.width, "positive #1", first.width,
-                          hint="encode both sets with the same Qwen3-VL model")
-            if e.layers != first.layers:
-                raise ValueError(f"{name} #{i + 1} holds layers {e.layers} but positive #1 holds {first.layers}: "
-                                 "encode both sets with the same layers")
+            require_same_encoding(f"{name} #{i + 1}", e, "positive #1", first, what="both sets")
 
 
 def steering_direction(positives: Sequence[VLEmbeds], negatives: Sequence[VLEmbeds], method: str = "mean_diff",
