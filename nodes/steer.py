@@ -37,9 +37,7 @@ def encode_images(encoder, batches: list[tuple[str, object]], prompt: str, layer
     pictures, owners = [], []
     for k, (name, batch) in enumerate(batches):
         for i in range(batch.shape[0]):
-            picture = preprocess.check_image(batch[i:i + 1], f"{name} image {i + 1}")
-            size = preprocess.plan_size(picture.shape[0], picture.shape[1], max_image_tokens, "fit_budget")
-            pictures.append(preprocess.resize_image(picture, size))
+            pictures.append(preprocess.fit_image(batch[i:i + 1], max_image_tokens, "fit_budget", f"{name} image {i + 1}"))
             owners.append(k)
     pbar = comfy.utils.ProgressBar(len(pictures))
     encoded = []
@@ -108,7 +106,7 @@ class SteeringDirection(io.ComfyNode):
         resolved = extract.parse_layers(layers, encoder.num_layers)
         pos, neg = encode_images(encoder, [("positive", positive), ("negative", negative)], prompt, resolved,
                                  max_image_tokens, token_mode)
-        if offload_after_encode and hasattr(encoder, "offload"):
+        if offload_after_encode:
             encoder.offload()
         direction = steering_direction(pos, neg, method, num_tokens)
         report = direction_report(direction)
