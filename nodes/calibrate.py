@@ -108,8 +108,7 @@ class FitCalibration(io.ComfyNode):
         encoder = vl_encoder(clip, vl_model)
         resolved = extract.parse_layers(layers, encoder.num_layers)
         pairs, dropped = aligned_pairs(encoder, text_clip, items, resolved)
-        if hasattr(encoder, "offload"):
-            encoder.offload()
+        encoder.offload()
         if dropped:
             log.warning("VL Fit Calibration: %d of %d prompts dropped (token ids differ between the encoders)",
                         len(dropped), len(items))
