@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tools.host_harness import PACK_LINK_NAME, load_ui_workflow
-from vl_core.schedule import format_block_weights, parse_block_weights, preset_blocks
+from tests.block_weights_format import format_block_weights
+from vl_core.schedule import parse_block_weights, preset_blocks
 
 from .conftest import ARTIFACTS
 from .tiny_ui import swap_ui_loaders_for_tiny

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vl_core.schedule import format_block_weights, parse_block_weights, preset_blocks
+from tests.block_weights_format import format_block_weights
+from vl_core.schedule import parse_block_weights, preset_blocks
 
 CORE = Path(__file__).resolve().parents[2] / "web" / "block_weights_core.js"
 SPECS = ["all", "early", "middle", "late", "EARLY:0.5", "all:0.5, 27:0", "0-9:1.0, 10-19:0.5, 27:0", "3", "3:2.5",
