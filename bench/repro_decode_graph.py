@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     device = mm.get_torch_device() if args.device != "cpu" else torch.device("cpu")
     vae = build_vae(device)
     latent = torch.randn(1, 16, args.side // 8, args.side // 8, generator=torch.Generator().manual_seed(1))
-    measure(vae, latent, device, "inference_mode")   # warm-up: loads the VAE, kernels
+    with torch.no_grad():   # warm-up (loads the VAE, kernels); no_grad, not inference mode: the weights it
+        vae.decode(latent)  # moves to the device must stay usable by the grad-enabled case below
     print(f"VAE decode {args.side}², {device}: memory still held by the decode after it returned")
     for how in ("grad_enabled", "inference_mode", "grad_then_del"):
         gib, graph = measure(vae, latent, device, how)
