@@ -24,6 +24,8 @@ class EmbeddingBlend(io.ComfyNode):
             node_id="ZImageVL_EmbeddingBlend",
             display_name="VL Embedding Blend",
             category=CATEGORY,
+            search_aliases=["ipadapter", "ip-adapter", "redux", "image prompt", "style transfer", "reference image",
+                            "reference", "style model"],
             description="Mixes Qwen3-VL states of a reference image into Z-Image text conditioning. "
                         "alpha 0.3 = slight style, 0.5 = strong, 0.7 = the reference dominates, 1.0 ≈ reconstructs it.",
             inputs=[
@@ -67,6 +69,7 @@ class StyleDelta(io.ComfyNode):
             node_id="ZImageVL_StyleDelta",
             display_name="VL Style Delta",
             category=CATEGORY,
+            search_aliases=["style transfer", "reference image", "reference", "style delta"],
             description="Adds VL(style image) − VL(neutral image), both encoded with the SAME prompt, to the text "
                         "conditioning. Warning: this arithmetic tends to destroy content; keep strength low.",
             inputs=[
@@ -108,6 +111,7 @@ class AdaIN(io.ComfyNode):
             node_id="ZImageVL_AdaIN",
             display_name="VL AdaIN",
             category=CATEGORY,
+            search_aliases=["adain", "style transfer", "reference image", "reference"],
             description="Gives the text conditioning the VL statistics (adaptive instance normalisation). "
                         "per_token keeps content but transfers little; per_dim transfers colour but corrupts identity.",
             inputs=[

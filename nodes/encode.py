@@ -46,6 +46,8 @@ class VLEncode(io.ComfyNode):
             node_id="ZImageVL_Encode",
             display_name="VL Encode",
             category=CATEGORY,
+            search_aliases=["ipadapter", "ip-adapter", "redux", "image prompt", "reference image", "reference",
+                            "clip vision encode", "image encoder", "qwen3-vl"],
             description="Reads a reference image + prompt with Qwen3-VL and returns its hidden states "
                         "(≈1 token per 32×32 px) for the blend / inspect / injection nodes.",
             inputs=[

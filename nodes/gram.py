@@ -22,6 +22,7 @@ class GramMatch(io.ComfyNode):
             node_id="ZImageVL_GramMatch",
             display_name="VL Gram Match",
             category=CATEGORY,
+            search_aliases=["style transfer", "gram matrix", "reference image", "reference"],
             description="Optimises the conditioning (starting at the text) so the Gram matrix of its RMS-normalised "
                         "tokens matches the reference's, while staying close to the text: second-order style "
                         "transfer without copying tokens. Untuned on real weights.",

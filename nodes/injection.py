@@ -64,6 +64,8 @@ class DiTInjection(io.ComfyNode):
             node_id="ZImageVL_DiTInjection",
             display_name="DiT Layer Injection",
             category=CATEGORY,
+            search_aliases=["ipadapter", "ip-adapter", "redux", "image prompt", "style transfer", "reference image",
+                            "reference", "attention injection"],
             description="Training-free reference-image conditioning inside chosen Z-Image blocks and steps. "
                         "extra_attention: image tokens also attend to the VL tokens (IP-Adapter-like, keeps the "
                         "prompt); caption_stream: the caption stream is pulled toward the VL tokens in the chosen "

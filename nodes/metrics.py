@@ -40,6 +40,7 @@ class ColourSimilarity(io.ComfyNode):
             node_id="ZImageVL_ColourSimilarity",
             display_name="Colour Similarity (CIELAB)",
             category=METRICS_CATEGORY,
+            search_aliases=["similarity", "colour similarity", "color similarity", "palette"],
             description="How close the colours of an image are to a reference: per-channel CIELAB histograms "
                         "compared by intersection and by 1-D earth-mover distance, both 0..1 (1 = same colours). "
                         "Layout is ignored: a reshuffled picture with the same colours scores 1.",
@@ -75,6 +76,7 @@ class ArtifactScore(io.ComfyNode):
             node_id="ZImageVL_ArtifactScore",
             display_name="Grid Artifact Score",
             category=METRICS_CATEGORY,
+            search_aliases=["artifact", "grid artifact", "quality score"],
             description="The grid signature of a bad layer or blend: spectral energy at the DiT's 16-px patch "
                         "period (patch 2 × VAE 8) and its harmonics against the neighbouring spectrum, in dB. "
                         "About 0 dB: no grid; it rises with the grid's strength.",
@@ -123,6 +125,7 @@ class SemanticSimilarity(io.ComfyNode):
             node_id="ZImageVL_SemanticSimilarity",
             display_name="Semantic Similarity (CLIP / SigLIP)",
             category=METRICS_CATEGORY,
+            search_aliases=["clip score", "similarity", "image similarity", "siglip"],
             description="Cosine similarity (−1..1) of CLIP / SigLIP vision embeddings: the image vs the reference "
                         "(style/look), vs the text-only output of the same seed (content kept), and vs a text "
                         "through a matching CLIP text model. Connect at least one; unmeasured outputs are NaN "

@@ -51,6 +51,8 @@ class CombineReferences(io.ComfyNode):
             node_id="ZImageVL_CombineReferences",
             display_name="VL Combine References",
             category=CATEGORY,
+            search_aliases=["multiple reference images", "negative reference", "reference", "reference image",
+                            "ipadapter", "ip-adapter", "image prompt"],
             description="Combines several VL references into one VL_EMBEDS, with per-reference weights; negative "
                         "references are subtracted (refs − w·mean(negatives)). Works in Blend, Style Delta, AdaIN, "
                         "Gram Match and DiT Layer Injection.",

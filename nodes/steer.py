@@ -56,6 +56,7 @@ class SteeringDirection(io.ComfyNode):
             node_id="ZImageVL_SteeringDirection",
             display_name="VL Steering Direction",
             category=CATEGORY,
+            search_aliases=["steering", "concept slider", "style transfer", "reference image", "reference"],
             description="Estimates a direction in Qwen3-VL space from paired image sets (positive i vs negative i, "
                         "same prompt): mean difference (CAA) or first principal component of the differences "
                         "(RepE). Untuned on real weights: check the report's agreement before trusting it.",
@@ -120,6 +121,7 @@ class ApplyDirection(io.ComfyNode):
             node_id="ZImageVL_ApplyDirection",
             display_name="VL Apply Direction",
             category=CATEGORY,
+            search_aliases=["steering", "concept slider", "style transfer", "reference"],
             description="Adds steering directions to Z-Image conditioning, each scaled to every token's RMS "
                         "(Z-Image's caption embedder RMS-normalises tokens, so only relative size counts).",
             inputs=[
