@@ -142,6 +142,7 @@ PACK_NODES = {
                                             "filename_prefix": {"default": "vl_calibrations/calibration"}},
                                  "outputs": ["STRING"]},
     "ZImageVL_LoadCalibration": {"inputs": {"name": None}, "outputs": ["VL_CALIBRATION"]},
+    "ZImageVL_SelectLayers": {"inputs": {"vl_embeds": None, "layers": {"default": "-6"}}, "outputs": ["VL_EMBEDS"]},
 }
 
 
