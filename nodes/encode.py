@@ -6,7 +6,7 @@ import logging
 import comfy.utils
 from comfy_api.latest import io
 
-from ..vl_core import extract, preprocess, stats
+from ..vl_core import extract, layer_mix, preprocess, stats
 from .backends import vl_encoder
 from .common import CATEGORY, VLEmbedsType, VLModelType
 from .model_folders import list_vl_folders, resolve_vl_folder
@@ -64,7 +64,8 @@ class VLEncode(io.ComfyNode):
                 io.String.Input("layers", default="-6",
                                 tooltip="Hidden layer(s) to keep, Hugging Face numbering (-1 = final, -2 = Z-Image's "
                                         "own text layer). -6 gives clean results; -2 shows grid artifacts. Several: "
-                                        "'-6,-2' (mixed equally downstream)."),
+                                        "'-6,-2' (mixed equally downstream), or weighted: '-6:0.7, -15:0.3' "
+                                        "(normalised to sum 1). VL Select Layers re-picks per consumer."),
                 io.Combo.Input("token_mode", options=list(extract.TOKEN_MODES), default="full",
                                tooltip="full: all tokens; image: only the image tokens (the ones that carry the "
                                        "picture); text: only non-image tokens (carries no image: for comparison)."),
@@ -95,7 +96,7 @@ class VLEncode(io.ComfyNode):
         # Only `layers` is named (no **kwargs): ComfyUI 0.29 then keeps its own type / min / max / option
         # checks for every other input and reports a failure here once, under `layers`.
         try:
-            extract.parse_layers(layers, 10_000)
+            layer_mix.parse_layer_spec(layers, 10_000)
         except ValueError as e:
             return str(e)
         return True
@@ -108,7 +109,7 @@ class VLEncode(io.ComfyNode):
             raise ValueError("prompt is empty: VL Encode reads the image together with text; give your Z-Image "
                              "prompt or a short description such as 'a photo'")
         encoder = vl_encoder(clip, vl_model)
-        resolved = extract.parse_layers(layers, encoder.num_layers)
+        resolved, weights = layer_mix.parse_layer_spec(layers, encoder.num_layers)
         if resolved and max(resolved) >= encoder.num_layers - 1:
             log.warning("VL Encode: layers near the end (-1/-2) give grid artifacts with Z-Image; -6 is cleaner")
         if token_mode == "text":
@@ -124,5 +125,7 @@ class VLEncode(io.ComfyNode):
         pbar.update(1)
         embeds = stats.suppress_image_outliers(embeds, outlier_threshold, outlier_mode)
         embeds = extract.select_tokens(embeds, token_mode)
+        if weights is not None:
+            embeds = layer_mix.select_layers(embeds, resolved, weights)
         pbar.update(1)
         return io.NodeOutput(embeds)

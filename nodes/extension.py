@@ -9,10 +9,12 @@ from .encode import LoadQwen3VL, VLEncode
 from .gram import GramMatch
 from .injection import DiTInjection
 from .inspector import VLInspect
+from .layers import VLSelectLayers
 from .metrics import ArtifactScore, ColourSimilarity, SemanticSimilarity
 from .embedding_files import LoadVLEmbeds, SaveVLEmbeds, register_folder
 from .model_folders import register_folders
 from .references import CombineReferences
+from .research_files import LoadVLCalibration, LoadVLDirection, SaveVLCalibration, SaveVLDirection
 from .steer import ApplyDirection, CombineDirections, SteeringDirection
 
 
@@ -25,4 +27,5 @@ class ZImageVLExtension(ComfyExtension):
         return [LoadQwen3VL, VLEncode, EmbeddingBlend, StyleDelta, AdaIN, SaveVLEmbeds, LoadVLEmbeds, VLInspect,
                 DiTInjection, ColourSimilarity, ArtifactScore, SemanticSimilarity,
                 SteeringDirection, ApplyDirection, CombineDirections, CombineReferences, GramMatch, FitCalibration,
-                ApplyCalibration]
+                ApplyCalibration, SaveVLDirection, LoadVLDirection, SaveVLCalibration, LoadVLCalibration,
+                VLSelectLayers]

@@ -8,12 +8,13 @@ the file and the field; files written by VLEmbeds.to_safetensors (version 1) loa
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
 
 from .extract import PLACEMENTS, TOKEN_MODES
-from .types import SAFETENSORS_FORMAT, SAFETENSORS_VERSION, VLEmbeds
+from .types import LAYER_WEIGHTS_KEY, SAFETENSORS_FORMAT, SAFETENSORS_VERSION, VLEmbeds
 
 METADATA_KEY = "vl_embeds"
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -128,11 +129,24 @@ def check_metadata(meta: dict, tensor_layers, shape: tuple, label: str) -> dict:
     extra = meta.get("extra", {})
     if not isinstance(extra, dict):
         raise _fail(label, "extra", f"must be a JSON object, got {type(extra).__name__}")
+    _check_layer_weights(label, extra.get(LAYER_WEIGHTS_KEY), layers)
     return dict(image_spans=tuple(spans), prompt_span=(ps, pe), num_layers=num_layers, layers=layers,
                 placement=_choice(label, "placement", meta["placement"], PLACEMENTS), token_mode=token_mode,
                 source=_str(label, "source", meta["source"], MAX_STRING_CHARS["source"]),
                 prompt=_str(label, "prompt", meta.get("prompt", ""), MAX_STRING_CHARS["prompt"]),
                 image_sizes=tuple(sizes), extra=extra)
+
+
+def _check_layer_weights(label: str, weights, layers: list[int]) -> None:
+    """extra.layer_weights, when present: {"<stored layer>": finite weight > 0} naming every stored layer."""
+    if weights is None:
+        return
+    field = f"extra.{LAYER_WEIGHTS_KEY}"
+    if not isinstance(weights, dict) or sorted(weights) != sorted(str(v) for v in layers):
+        raise _fail(label, field, f"must be a JSON object with one weight per stored layer {layers[:8]}")
+    for v in weights.values():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise _fail(label, field, f"has weight {str(v)[:30]!r}; weights are finite numbers > 0")
 
 
 def layer_of_key(key: str, label: str) -> int:

@@ -10,6 +10,7 @@ Span = tuple[int, int]  # [start, end) token indices
 
 SAFETENSORS_FORMAT = "comfyui-zimage-vl/vl-embeds"
 SAFETENSORS_VERSION = 1
+LAYER_WEIGHTS_KEY = "layer_weights"   # extra: {"<layer>": weight} of a weighted layer mix (vl_core.layer_mix)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class VLEmbeds:
         return f"{layer - self.num_layers - 1} (#{layer})"
 
     def tokens(self, layer_weights: dict[int, float] | None = None) -> torch.Tensor:
-        """Tensor[B, N, D]: the single stored layer, or Σ_l w_l·h_l / Σ_l w_l over stored layers."""
+        """Tensor[B, N, D]: the single stored layer, or Σ_l w_l·h_l / Σ_l w_l over stored layers (default weights:
+        the stored mix in extra[LAYER_WEIGHTS_KEY], else equal)."""
+        if layer_weights is None:
+            layer_weights = self.stored_layer_weights()
         if layer_weights is None:
             if len(self.hidden) == 1:
                 return next(iter(self.hidden.values()))
@@ -85,6 +89,11 @@ class VLEmbeds:
             raise ValueError("layer weights sum to 0")
         out = sum(w * self.hidden[layer].float() for layer, w in layer_weights.items()) / total
         return out.to(next(iter(self.hidden.values())).dtype)
+
+    def stored_layer_weights(self) -> dict[int, float] | None:
+        """{layer: weight} of a weighted mix (VL Encode 'L:w' layers, VL Select Layers), or None (equal mix)."""
+        raw = self.extra.get(LAYER_WEIGHTS_KEY)
+        return None if raw is None else {int(k): float(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
 
     def with_hidden(self, hidden: dict[int, torch.Tensor], **changes) -> "VLEmbeds":
         return replace(self, hidden=hidden, **changes)

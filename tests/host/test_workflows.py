@@ -135,6 +135,14 @@ PACK_NODES = {
     },
     "ZImageVL_ApplyCalibration": {"inputs": {"vl_embeds": None, "calibration": None, "image_tokens_only": None},
                                   "outputs": ["VL_EMBEDS"]},
+    "ZImageVL_SaveDirection": {"inputs": {"direction": None, "filename_prefix": {"default": "vl_directions/direction"}},
+                               "outputs": ["STRING"]},
+    "ZImageVL_LoadDirection": {"inputs": {"name": None}, "outputs": ["VL_DIRECTION"]},
+    "ZImageVL_SaveCalibration": {"inputs": {"calibration": None,
+                                            "filename_prefix": {"default": "vl_calibrations/calibration"}},
+                                 "outputs": ["STRING"]},
+    "ZImageVL_LoadCalibration": {"inputs": {"name": None}, "outputs": ["VL_CALIBRATION"]},
+    "ZImageVL_SelectLayers": {"inputs": {"vl_embeds": None, "layers": {"default": "-6"}}, "outputs": ["VL_EMBEDS"]},
 }
 
 
