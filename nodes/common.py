@@ -60,3 +60,13 @@ def vl_tokens_like(vl: VLEmbeds, ref: torch.Tensor) -> torch.Tensor:
     if tokens.shape[0] != ref.shape[0]:
         tokens = tokens[:1].expand(ref.shape[0], -1, -1)
     return tokens
+
+
+def validation_answer(check: Callable, *args) -> bool | str:
+    """What a node's validate_inputs returns for a check: True, or the check's ValueError message (shown by ComfyUI
+    under the input before anything runs)."""
+    try:
+        check(*args)
+    except ValueError as e:
+        return str(e)
+    return True

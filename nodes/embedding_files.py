@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..vl_core import store
 from ..vl_core.embeds_file import METADATA_KEY, check_writable
 from ..vl_core.types import VLEmbeds
-from .common import CATEGORY, VLEmbedsType, check_vl_embeds
+from .common import CATEGORY, VLEmbedsType, check_vl_embeds, validation_answer
 
 FOLDER_KEY = "vl_embeddings"
 EXTENSION = ".safetensors"
@@ -92,11 +92,7 @@ class LoadVLEmbeds(io.ComfyNode):
     def validate_inputs(cls, name) -> bool | str:
         if name is None:  # linked (e.g. from Save in the same prompt): the file is checked when it runs
             return True
-        try:
-            cls.resolve(name)
-        except ValueError as e:
-            return str(e)
-        return True
+        return validation_answer(cls.resolve, name)
 
     @classmethod
     def fingerprint_inputs(cls, name):

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..vl_core import extract, layer_mix, preprocess, stats
 from .backends import vl_encoder
-from .common import CATEGORY, VLEmbedsType, VLModelType
+from .common import CATEGORY, VLEmbedsType, VLModelType, validation_answer
 from .model_folders import list_vl_folders, resolve_vl_folder
 from .transformers_model import load_transformers_vl
 
@@ -95,11 +95,7 @@ class VLEncode(io.ComfyNode):
     def validate_inputs(cls, layers: str = "-6") -> bool | str:
         # Only `layers` is named (no **kwargs): ComfyUI 0.29 then keeps its own type / min / max / option
         # checks for every other input and reports a failure here once, under `layers`.
-        try:
-            layer_mix.parse_layer_spec(layers, 10_000)
-        except ValueError as e:
-            return str(e)
-        return True
+        return validation_answer(layer_mix.parse_layer_spec, layers, 10_000)
 
     @classmethod
     def execute(cls, image, prompt: str, layers: str, token_mode: str, placement: str, max_image_tokens: int,

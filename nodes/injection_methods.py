@@ -29,11 +29,11 @@ class Method:
 
     traits = MethodTraits("")
     patches: tuple[str, ...] = ()
-    attention = False
+    attention = None   # a method (inj, st, func, out, w, i, args, kwargs, to) -> out when it needs the override
 
     def run(self, inj: Injection, call: ModelCall, rows) -> object:
         state, to = inj.new_state(call, rows)
-        if self.attention:
+        if self.attention is not None:
             state.prev_override = call.to.get("optimized_attention_override")
             to["optimized_attention_override"] = inj.attention_override
         self.prepare(inj, state, call)
@@ -79,7 +79,6 @@ class CaptionStream(Method):
 class ExtraAttention(Method):
     traits = MethodTraits("extra_attention")
     patches = ("noise_refiner",)
-    attention = True
 
     def prepare(self, inj, st, call):
         dit, device, dtype = st.dit, call.x.device, call.base.get_dtype_inference()

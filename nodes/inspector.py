@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..vl_core import plot
 from .common import CATEGORY, VLEmbedsType, check_conditioning, check_vl_embeds
@@ -37,4 +37,6 @@ class VLInspect(io.ComfyNode):
             check_conditioning(conditioning)
             reference = torch.cat([c.float().reshape(-1, c.shape[-1]) for c, _ in conditioning])[None]
         figure, report = plot.inspect_embeds(vl, outlier_threshold, reference)
-        return io.NodeOutput(figure[None], report, ui={"text": (report,)})
+        image = figure[None]
+        # the plot as the node's own preview (the editor shows it on the node) beside the report box's text
+        return io.NodeOutput(image, report, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": (report,)})

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..vl_core import research_files, store
 from .calibrate import VLCalibrationType
-from .common import CATEGORY
+from .common import CATEGORY, validation_answer
 from .embedding_files import EXTENSION, embeddings_dir, embeddings_roots
 from .steer import VLDirectionType
 
@@ -84,11 +84,7 @@ class _LoadFile(io.ComfyNode):
     def validate_inputs(cls, name) -> bool | str:
         if name is None:  # linked (e.g. from Save in the same prompt): the file is checked when it runs
             return True
-        try:
-            cls.resolve(name)
-        except ValueError as e:
-            return str(e)
-        return True
+        return validation_answer(cls.resolve, name)
 
     @classmethod
     def fingerprint_inputs(cls, name):

@@ -10,7 +10,7 @@ from ..vl_core import extract, preprocess
 from ..vl_core.steer import (ESTIMATORS, apply_directions, check_direction_for, combine_directions, direction_report,
                              require_direction, steering_direction)
 from .backends import vl_encoder
-from .common import CATEGORY, VLModelType, check_conditioning, map_conditioning
+from .common import CATEGORY, VLModelType, check_conditioning, map_conditioning, validation_answer
 from .references import connected, growing, parse_weights
 
 log = logging.getLogger("comfyui-zimage-vl")
@@ -89,11 +89,7 @@ class SteeringDirection(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, layers: str = "-6") -> bool | str:  # only layers: ComfyUI checks the rest
-        try:
-            extract.parse_layers(layers, 10_000)
-        except ValueError as e:
-            return str(e)
-        return True
+        return validation_answer(extract.parse_layers, layers, 10_000)
 
     @classmethod
     def execute(cls, positive, negative, prompt: str, layers: str, method: str, num_tokens: int, token_mode: str,

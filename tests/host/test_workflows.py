@@ -580,6 +580,13 @@ def test_vl_only_graph_runs(comfy_server):
     ins = node_of(p, "ZImageVL_Inspect")
     text = entry["outputs"].get(ins, {}).get("text")
     assert text and "".join(map(str, text)).strip(), entry["outputs"]
+    # the plot is also the node's own preview, fetched like the editor does
+    (preview,) = entry["outputs"][ins]["images"]
+    from PIL import Image
+    import io as _io
+
+    with Image.open(_io.BytesIO(comfy_server.view(preview))) as im:
+        assert im.width > im.height > 100
 
 
 # --------------------------------------------------------------------------- save / load

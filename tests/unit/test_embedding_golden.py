@@ -160,13 +160,22 @@ def test_embedding_nodes_reproduce_the_recorded_outputs(pack):
         assert_outputs_match(i, kind, settings, run_node(blend_nodes, kind, settings, t, vl_embeds_cls), tensors)
 
 
-def test_inspect_node_reproduces_the_recorded_reports_and_draws_an_image(pack):
+def test_inspect_node_reproduces_the_recorded_reports_and_draws_an_image(pack, tmp_path):
+    import folder_paths
+
     _, inspect_node, vl_embeds_cls = pack
     t, _, reports, _ = recorded()
-    assert inspect_reports(inspect_node, t, vl_embeds_cls) == reports
-    out = inspect_node.execute(embeds(t["vl"], vl_embeds_cls), 10.0)
+    previous = folder_paths.get_temp_directory()
+    folder_paths.set_temp_directory(str(tmp_path))   # the node's preview goes to the host's temp folder
+    try:
+        assert inspect_reports(inspect_node, t, vl_embeds_cls) == reports
+        out = inspect_node.execute(embeds(t["vl"], vl_embeds_cls), 10.0)
+    finally:
+        folder_paths.set_temp_directory(previous)
     assert out.args[0].ndim == 4 and out.args[0].shape[0] == 1 and out.args[0].shape[-1] == 3
-    assert out.ui == {"text": (reports[0],)}
+    assert out.ui["text"] == (reports[0],)
+    (preview,) = out.ui["images"]   # the plot shown on the node itself
+    assert preview["type"] == "temp" and (tmp_path / preview["subfolder"] / preview["filename"]).is_file()
 
 
 def main() -> None:
