@@ -11,8 +11,8 @@ from ..vl_core import extract
 from ..vl_core.checks import require_width
 from ..vl_core.calibrate import (FITS, VLCalibration, apply_calibration, calibration_report, fit_calibration,
                                  load_prompts)
-from .common import CATEGORY, VLEmbedsType, check_vl_embeds
-from .steer import backend_inputs, vl_encoder
+from .common import CATEGORY, VLEmbedsType, backend_inputs, check_vl_embeds
+from .backends import vl_encoder
 
 log = logging.getLogger("comfyui-zimage-vl")
 

@@ -70,3 +70,15 @@ def validation_answer(check: Callable, *args) -> bool | str:
     except ValueError as e:
         return str(e)
     return True
+
+
+def backend_inputs() -> list:
+    """The two optional VL backend inputs every encode consumer declares (exactly one must be connected)."""
+    return [
+        io.Clip.Input("clip", optional=True,
+                      tooltip="Native backend: Qwen3-VL-4B loaded with ComfyUI's CLIPLoader. "
+                              "Connect this OR vl_model."),
+        VLModelType.Input("vl_model", optional=True,
+                          tooltip="Transformers backend: output of 'Load Qwen3-VL (transformers)'. "
+                                  "Connect this OR clip."),
+    ]

@@ -68,7 +68,25 @@ class SaveVLEmbeds(io.ComfyNode):
         return io.NodeOutput(name, ui={"text": (f"saved {name}",)})
 
 
-class LoadVLEmbeds(io.ComfyNode):
+class StoredFileLoader:
+    """What every Load node of a stored file shares; the node gives `resolve(name) -> path` (ValueError if bad)."""
+
+    @classmethod
+    def validate_inputs(cls, name) -> bool | str:
+        if name is None:  # linked (e.g. from Save in the same prompt): the file is checked when it runs
+            return True
+        return validation_answer(cls.resolve, name)
+
+    @classmethod
+    def fingerprint_inputs(cls, name):
+        try:
+            st = os.stat(cls.resolve(name))
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+        except (ValueError, OSError):
+            return float("nan")
+
+
+class LoadVLEmbeds(StoredFileLoader, io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         names = store.list_files(embeddings_roots(), EXTENSION, accept=is_embeddings_file)
@@ -87,20 +105,6 @@ class LoadVLEmbeds(io.ComfyNode):
             ],
             outputs=[VLEmbedsType.Output(display_name="vl_embeds")],
         )
-
-    @classmethod
-    def validate_inputs(cls, name) -> bool | str:
-        if name is None:  # linked (e.g. from Save in the same prompt): the file is checked when it runs
-            return True
-        return validation_answer(cls.resolve, name)
-
-    @classmethod
-    def fingerprint_inputs(cls, name):
-        try:
-            st = os.stat(cls.resolve(name))
-            return (st.st_mtime_ns, st.st_size, st.st_ino)
-        except (ValueError, OSError):
-            return float("nan")
 
     @staticmethod
     def resolve(name) -> str:

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..vl_core import extract, layer_mix, preprocess, stats
 from .backends import vl_encoder
-from .common import CATEGORY, VLEmbedsType, VLModelType, validation_answer
+from .common import CATEGORY, VLEmbedsType, VLModelType, backend_inputs, validation_answer
 from .model_folders import list_vl_folders, resolve_vl_folder
 from .transformers_model import load_transformers_vl
 
@@ -55,12 +55,7 @@ class VLEncode(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="Describe this image.",
                                 tooltip="Text read together with the image. Usually your Z-Image prompt or a short "
                                         "description; it must not be empty."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="Native backend: Qwen3-VL-4B loaded with ComfyUI's CLIPLoader. "
-                                      "Connect this OR vl_model."),
-                VLModelType.Input("vl_model", optional=True,
-                                  tooltip="Transformers backend: output of 'Load Qwen3-VL (transformers)'. "
-                                          "Connect this OR clip."),
+                *backend_inputs(),
                 io.String.Input("layers", default="-6",
                                 tooltip="Hidden layer(s) to keep, Hugging Face numbering (-1 = final, -2 = Z-Image's "
                                         "own text layer). -6 gives clean results; -2 shows grid artifacts. Several: "

@@ -2,14 +2,13 @@
 rules as embeddings (vl_core.store: confined names, exclusive numbered names, temp + atomic replace)."""
 from __future__ import annotations
 
-import os
 
 from comfy_api.latest import io
 
 from ..vl_core import research_files, store
 from .calibrate import VLCalibrationType
-from .common import CATEGORY, validation_answer
-from .embedding_files import EXTENSION, embeddings_dir, embeddings_roots
+from .common import CATEGORY
+from .embedding_files import EXTENSION, StoredFileLoader, embeddings_dir, embeddings_roots
 from .steer import VLDirectionType
 
 
@@ -50,7 +49,7 @@ class _SaveFile(io.ComfyNode):
         return io.NodeOutput(name, ui={"text": (f"saved {name}",)})
 
 
-class _LoadFile(io.ComfyNode):
+class _LoadFile(StoredFileLoader, io.ComfyNode):
     """One Load node per file kind: lists only the files whose header carries that kind's metadata."""
 
     KIND: research_files.FileKind
@@ -79,20 +78,6 @@ class _LoadFile(io.ComfyNode):
             ],
             outputs=[cls.TYPE.Output(display_name=cls.OUTPUT)],
         )
-
-    @classmethod
-    def validate_inputs(cls, name) -> bool | str:
-        if name is None:  # linked (e.g. from Save in the same prompt): the file is checked when it runs
-            return True
-        return validation_answer(cls.resolve, name)
-
-    @classmethod
-    def fingerprint_inputs(cls, name):
-        try:
-            st = os.stat(cls.resolve(name))
-            return (st.st_mtime_ns, st.st_size, st.st_ino)
-        except (ValueError, OSError):
-            return float("nan")
 
     @classmethod
     def resolve(cls, name) -> str:

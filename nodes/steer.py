@@ -10,24 +10,13 @@ from ..vl_core import extract, preprocess
 from ..vl_core.steer import (ESTIMATORS, apply_directions, check_direction_for, combine_directions, direction_report,
                              require_direction, steering_direction)
 from .backends import vl_encoder
-from .common import CATEGORY, VLModelType, check_conditioning, map_conditioning, validation_answer
+from .common import CATEGORY, backend_inputs, check_conditioning, map_conditioning, validation_answer
 from .references import connected, growing, parse_weights
 
 log = logging.getLogger("comfyui-zimage-vl")
 
 VLDirectionType = io.Custom("VL_DIRECTION")
 ENCODE_CHUNK = 8      # images per encode_many call: batched forwards, and a progress tick per chunk
-
-
-def backend_inputs() -> list:
-    return [
-        io.Clip.Input("clip", optional=True,
-                      tooltip="Native backend: Qwen3-VL-4B loaded with ComfyUI's CLIPLoader. "
-                              "Connect this OR vl_model."),
-        VLModelType.Input("vl_model", optional=True,
-                          tooltip="Transformers backend: output of 'Load Qwen3-VL (transformers)'. "
-                                  "Connect this OR clip."),
-    ]
 
 
 def encode_images(encoder, batches: list[tuple[str, object]], prompt: str, layers: list[int], max_image_tokens: int,

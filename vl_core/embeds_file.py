@@ -177,31 +177,43 @@ def check_tensor_specs(specs: dict[str, tuple[str, list]], label: str) -> tuple[
     return keys, shapes.pop()
 
 
-def read_embeds(path: str, label: str | None = None) -> VLEmbeds:
-    """Load a VL embeddings file, validating every field before use; a ValueError naming file and field otherwise.
-
-    Headers, dtypes and shapes are checked before any tensor is read; values must be finite.
-    """
+def read_checked(path: str, label: str, metadata_key: str, what: str, saver: str, read):
+    """read(raw metadata string, specs, get_tensor) inside the open safetensors file, every failure a ValueError
+    naming the file: specs = {key: (dtype name, shape)} from the header, so a reader checks them before it asks
+    get_tensor for any tensor. `what` names the kind ("VL embeddings"), `saver` the node that writes it."""
     from safetensors import safe_open
 
-    label = label or path
     try:
         if os.path.getsize(path) == 0:
             raise FormatError(f"{label} is empty: its save is still running or was interrupted; wait, or save "
                               "it again")
         with safe_open(path, framework="pt") as f:
-            meta = parse_metadata((f.metadata() or {}).get(METADATA_KEY), label)
+            raw = (f.metadata() or {}).get(metadata_key)
             specs = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
-            keys, shape = check_tensor_specs(specs, label)
-            fields = check_metadata(meta, keys, shape, label)
-            hidden = {layer: f.get_tensor(key) for layer, key in keys.items()}
+            return read(raw, specs, f.get_tensor)
     except FieldError as e:
-        raise ValueError(f"{e}; the file is not valid VL embeddings — re-save it with 'Save VL Embeddings'") from None
+        raise ValueError(f"{e}; the file is not valid {what} — re-save it with '{saver}'") from None
     except FormatError as e:
         raise ValueError(str(e)) from None
     except Exception as e:  # safetensors raises its own error types for corrupt headers and buffers
-        raise ValueError(f"cannot read {label} as safetensors VL embeddings ({str(e)[:200]}); the file is corrupt "
-                          "or not a safetensors file (pickles are never loaded)") from e
+        raise ValueError(f"cannot read {label} as safetensors {what} ({str(e)[:200]}); the file is corrupt "
+                         "or not a safetensors file (pickles are never loaded)") from e
+
+
+def read_embeds(path: str, label: str | None = None) -> VLEmbeds:
+    """Load a VL embeddings file, validating every field before use; a ValueError naming file and field otherwise.
+
+    Headers, dtypes and shapes are checked before any tensor is read; values must be finite.
+    """
+    label = label or path
+
+    def read(raw, specs, get_tensor):
+        meta = parse_metadata(raw, label)
+        keys, shape = check_tensor_specs(specs, label)
+        fields = check_metadata(meta, keys, shape, label)
+        return keys, fields, {layer: get_tensor(key) for layer, key in keys.items()}
+
+    keys, fields, hidden = read_checked(path, label, METADATA_KEY, "VL embeddings", "Save VL Embeddings", read)
     for layer, t in hidden.items():
         bad = int((~torch.isfinite(t)).sum())
         if bad:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .calibrate import FITS, VLCalibration
-from .embeds_file import (FLOAT_DTYPES, MAX_LAYERS, MAX_METADATA_CHARS, FieldError, FormatError, _choice, _fail,
+from .embeds_file import (FLOAT_DTYPES, MAX_LAYERS, MAX_METADATA_CHARS, FormatError, _choice, _fail, read_checked,
                           _int, _list, _str)
 from .steer import ESTIMATORS, VLDirection
 
@@ -252,24 +251,13 @@ def write(kind: FileKind, value, path: str) -> None:
 
 def read(kind: FileKind, path: str, label: str | None = None):
     """Load a file written by `write`, every field validated before use; ValueError naming file and field."""
-    from safetensors import safe_open
-
     label = label or path
-    try:
-        if os.path.getsize(path) == 0:
-            raise FormatError(f"{label} is empty: its save is still running or was interrupted; wait, or save "
-                              "it again")
-        with safe_open(path, framework="pt") as f:
-            meta = _parse(kind, (f.metadata() or {}).get(kind.key), label)
-            specs = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
-            fields = kind.fields(label, meta, specs)
-            tensors = {k: f.get_tensor(k) for k in specs}
+
+    def read_fields(raw, specs, get_tensor):
+        fields = kind.fields(label, _parse(kind, raw, label), specs)
+        tensors = {k: get_tensor(k) for k in specs}
         _require_finite_tensors(label, tensors)
-    except FieldError as e:
-        raise ValueError(f"{e}; the file is not a valid {kind.what} — re-save it with '{kind.saver}'") from None
-    except FormatError as e:
-        raise ValueError(str(e)) from None
-    except Exception as e:  # safetensors raises its own error types for corrupt headers and buffers
-        raise ValueError(f"cannot read {label} as a safetensors {kind.what} ({str(e)[:200]}); the file is corrupt "
-                         "or not a safetensors file (pickles are never loaded)") from e
+        return fields, tensors
+
+    fields, tensors = read_checked(path, label, kind.key, kind.what, kind.saver, read_fields)
     return kind.build(fields, tensors)

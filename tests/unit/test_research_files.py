@@ -156,7 +156,7 @@ def test_other_files_are_refused_with_what_to_do(tmp_path):
         read(DIRECTION, emb)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    with pytest.raises(ValueError, match="cannot read .* as a safetensors VL calibration"):
+    with pytest.raises(ValueError, match="cannot read .* as safetensors VL calibration"):
         read(CALIBRATION, str(junk))
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="interrupted"):
