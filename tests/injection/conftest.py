@@ -330,3 +330,15 @@ def lumina2_model():
     mc.set_inference_dtype(torch.float32, None)
     return comfy.model_patcher.ModelPatcher(mc.get_model({}), load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+@pytest.fixture(scope="module")
+def base(host):
+    """The tiny Z-Image model most injection tests patch."""
+    return host.make_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def vl(host):
+    """40 VL tokens to inject."""
+    return host.make_vl(tokens=40, seed=1)

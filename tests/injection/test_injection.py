@@ -15,16 +15,6 @@ SMALL = 32  # latent side for the tests that sample many times (the others use 6
 CONCAT_NEGATIVE_BOUND = 2e-6
 
 
-@pytest.fixture(scope="module")
-def base(host):
-    return host.make_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def vl(host):
-    return host.make_vl(tokens=40, seed=1)
-
-
 def apply(host, model, vl, **settings):
     settings.setdefault("strength", 0.5)
     settings.setdefault("block_weights", "all")

@@ -14,16 +14,6 @@ B = dict(method="caption_stream", strength=0.6, block_weights="2")
 
 
 @pytest.fixture(scope="module")
-def base(host):
-    return host.make_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def vl(host):
-    return host.make_vl(tokens=40, seed=1)
-
-
-@pytest.fixture(scope="module")
 def vl2(host):
     return host.make_vl(tokens=24, seed=9)
 
