@@ -13,6 +13,7 @@ CATEGORY = "conditioning/zimage_vl"
 
 VLEmbedsType = io.Custom("VL_EMBEDS")
 VLModelType = io.Custom("QWEN3VL_MODEL")
+VLDirectionType = io.Custom("VL_DIRECTION")
 
 
 def check_vl_embeds(name: str, vl: VLEmbeds) -> VLEmbeds:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,13 +85,13 @@ class ModelCall:
 class CallState:
     """One injection's state for one model call, at transformer_options[STATE_KEY][its key]."""
 
-    __slots__ = ("owner", "_factor", "_read_sigma", "model_sampling", "rows", "dit", "caption", "hidden", "freqs",
-                 "img_len", "vec", "prev_override", "opts", "uuid")
+    __slots__ = ("owner", "_factor", "_read_sigma", "model_sampling", "rows", "dit", "caption", "vl", "img_len", "vec",
+                 "prev_override", "opts", "uuid", "token_weights", "ref", "call")
 
     def __init__(self, owner, rows, dit, opts, uuid, model_sampling, read_sigma, factor=None):
         self.owner, self.rows, self.dit, self.opts, self.uuid = owner, rows, dit, opts, uuid
         self.model_sampling, self._read_sigma, self._factor = model_sampling, read_sigma, factor
-        self.caption = self.hidden = self.freqs = self.vec = self.prev_override = None
+        self.caption = self.vl = self.vec = self.prev_override = self.token_weights = self.ref = self.call = None
         self.img_len = 0
 
     def factor(self) -> float:
@@ -119,16 +121,59 @@ def states_within(to: dict, start: int, end: int) -> dict:
     return out
 
 
-class Injection:
-    """One node application: its method, validated settings and VL tokens, and the hooks that read them."""
+@dataclass(frozen=True)
+class InjectionInputs:
+    """What one node application injects, validated and on the CPU in float32 (None: not connected).
 
-    def __init__(self, method, settings: InjectionSettings, tokens: torch.Tensor, key: str = PATCH_KEY):
+    tokens [1, N, D_cap] VL tokens, spans [((start, end), weight)] of its references (one of weight 1 for a plain
+    encode), negative [1, M, D_cap] a negative VL reference, reference [1, C, h, w] a VAE latent (before the
+    model's process_latent_in), mask [Bm, H, W] in [0, 1], direction [K, D_cap] a steering direction.
+    """
+
+    tokens: torch.Tensor | None = None
+    spans: list = field(default_factory=list)
+    negative: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    reference_seed: int = 0
+    mask: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
+
+
+class Method:
+    """Base of the injection methods (nodes/injection_methods.py): no hooks; runs the model call with this
+    injection's state in transformer_options, and installs the attention override when the method defines
+    `attention` (inj, st, func, out, w, i, args, kwargs, to) -> out."""
+
+    traits = None
+    patches: tuple[str, ...] = ()
+    attention = None
+
+    def run(self, inj: Injection, call: ModelCall, rows) -> object:
+        state, to = inj.new_state(call, rows)
+        if self.attention is not None:
+            state.prev_override = call.to.get("optimized_attention_override")
+            to["optimized_attention_override"] = inj.attention_override
+        self.prepare(inj, state, call)
+        return call.run(to)
+
+    def prepare(self, inj: Injection, st: CallState, call: ModelCall) -> None:
+        """Per model call, before the model runs: fill the state the hooks read."""
+
+
+class Injection:
+    """One node application: its method, validated settings and inputs, and the hooks that read them."""
+
+    def __init__(self, method, settings: InjectionSettings, inputs: InjectionInputs, key: str = PATCH_KEY):
         if method.traits != settings.method:
             raise ValueError(f"settings are for {settings.method.name}, not {method.traits.name}")
-        self.method, self.settings, self.key = method, settings, key
+        self.method, self.settings, self.key, self.inputs = method, settings, key, inputs
         self.block_scale = list(settings.block_scale)  # strength × block weight per main block
-        self.tokens = tokens  # [1, N, D_cap] float32 on the CPU
+        self.tokens, self.spans, self.negative = inputs.tokens, inputs.spans, inputs.negative
+        self.reference, self.reference_seed, self.mask = inputs.reference, inputs.reference_seed, inputs.mask
+        self.direction = inputs.direction
         self._cache: dict = {}
+        self._run_cache: dict[int, tuple] = {}  # id(run tensor) → (weakref to it, {key: value})
+        self._notes: set = set()
         self._lock = threading.Lock()
         self._ms = None
         self._factors: dict[float, float] = {}
@@ -161,14 +206,38 @@ class Injection:
             self._cache[key] = (uuid, value)
         return value
 
-    def new_state(self, call: ModelCall, rows) -> tuple[CallState, dict]:
-        """A CallState for this call and the transformer_options that carry it (the others' states kept)."""
+    def cached_for_run(self, run: torch.Tensor, key: tuple, make):
+        """make() under no_grad, remembered per key for as long as the tensor `run` lives (a sampling run's
+        sample_sigmas), so nothing outlives the run."""
+        with self._lock:
+            held = self._run_cache.get(id(run))
+            if held is None or held[0]() is not run:
+                held = self._run_cache[id(run)] = (weakref.ref(run), {})
+                weakref.finalize(run, self._run_cache.pop, id(run), None)  # tensors hash by identity, not value
+            entries = held[1]
+        hit = entries.get(key)
+        if hit is None:
+            with torch.no_grad():
+                hit = entries[key] = make()
+        return hit
+
+    def note_once(self, key) -> bool:
+        """True the first time `key` is seen (a warning logged once per application, not once per step)."""
+        with self._lock:
+            new = key not in self._notes
+            self._notes.add(key)
+        return new
+
+    def new_state(self, call: ModelCall, rows, factor: float | None = None) -> tuple[CallState, dict]:
+        """A CallState for this call and the transformer_options that carry it (the others' states kept);
+        `factor`: the step's window × schedule factor when the caller already read it."""
         to, base = call.to, call.base
         sigmas = to.get("sigmas", call.t)
+        if self.always_on:
+            factor = 1.0
         opts = {k: v for k, v in to.items() if k not in BLOCK_KEYS and k != STATE_KEY}
         state = CallState(self, rows, base.diffusion_model, opts, getattr(base, "current_weight_patches_uuid", None),
-                          base.model_sampling, None if self.always_on else sigma_reader(sigmas),
-                          1.0 if self.always_on else None)
+                          base.model_sampling, None if factor is not None else sigma_reader(sigmas), factor)
         new_to = dict(opts)
         new_to[STATE_KEY] = {**(to.get(STATE_KEY) or {}), self.key: state}
         return state, new_to
@@ -202,9 +271,29 @@ class Injection:
             return out
         i = to.get("block_index")
         w = self.block_weight(st, i)
-        if w == 0.0:
+        if w == 0.0 and not self.method.traits.log_strength:  # a log-strength 0 still acts: log 0 = −inf
             return out
         return self.method.attention(self, st, func, out, w, i, args, kwargs, to)
+
+
+def host_override(to: dict):
+    """The attention override under every injection's own in this call (another pack's, or None)."""
+    override = to.get("optimized_attention_override")
+    states = to.get(STATE_KEY) or {}
+    while override is not None and isinstance(getattr(override, "__self__", None), Injection):
+        st = states.get(override.__self__.key)
+        override = st.prev_override if st is not None else None
+    return override
+
+
+def plain_options(to: dict) -> dict:
+    """transformer_options for a pass of the model's own layers that no injection acts on (a reference's):
+    no per-call states or block keys, the host's attention override only."""
+    opts = {k: v for k, v in to.items() if k not in BLOCK_KEYS and k not in (STATE_KEY, "optimized_attention_override")}
+    override = host_override(to)
+    if override is not None:
+        opts["optimized_attention_override"] = override
+    return opts
 
 
 class Hook:

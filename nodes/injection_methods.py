@@ -3,44 +3,29 @@
 A method says which ComfyUI patch lists it hooks (`patches`: a hook method of the same name is called with
 the injection, its per-call state and the patch args), whether it needs the per-call attention override
 (`attention`), what it prepares per model call (`prepare`) and what it does per selected block. The math is
-in vl_core.inject; `traits` tell the settings how strength, block weights and schedule apply.
+in vl_core.inject / inject_extra; `traits` tell the settings how strength, block weights and schedule apply.
 
     caption_stream   after each selected main block the caption slice moves toward the VL tokens embedded
                      like a caption (in place when autograd / inference mode allow)
-    extra_attention  the image queries of each selected block also attend to the VL tokens projected with
-                     that block's own norm → adaLN scale → qkv → k-norm (a separate softmax, added before
-                     the output projection); a noise_refiner patch records the adaLN input vec
+    extra_attention, reference_attention   injection_attention.py
     concat           the area-pooled VL features are appended to the raw caption features, which the model
-                     then embeds itself (every block, while the window is open)
+                     then embeds itself (while the window is open); strength × block weight w is a log-strength
+                     bias log(w) on their keys in the main blocks (core StyleModelApply's attn_bias; w = 1: none)
+    steer_caption, steer_image   a VL_DIRECTION, mapped into the model's width by the caption embedder's linear
+                     map, added after each selected block to the caption or the image tokens, w · per-token RMS
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..vl_core import inject, pooling
+from ..vl_core import inject, inject_extra, pooling
 from ..vl_core.checks import require_choice
 from ..vl_core.inject_settings import MethodTraits
-from .injection_hooks import CallState, Injection, ModelCall, sigma_reader, states_within
-from .zimage_model import block_keys_values, embed_like_caption
-
-
-class Method:
-    """Base: no hooks; runs the model call with this injection's state in transformer_options."""
-
-    traits = MethodTraits("")
-    patches: tuple[str, ...] = ()
-    attention = None   # a method (inj, st, func, out, w, i, args, kwargs, to) -> out when it needs the override
-
-    def run(self, inj: Injection, call: ModelCall, rows) -> object:
-        state, to = inj.new_state(call, rows)
-        if self.attention is not None:
-            state.prev_override = call.to.get("optimized_attention_override")
-            to["optimized_attention_override"] = inj.attention_override
-        self.prepare(inj, state, call)
-        return call.run(to)
-
-    def prepare(self, inj: Injection, st: CallState, call: ModelCall) -> None:
-        """Per model call, before the model runs: fill the state the hooks read."""
+from .injection_attention import ExtraAttention, ReferenceAttention, mask_weights
+from .injection_hooks import Method, sigma_reader, states_within
+from .zimage_model import direction_in_model_space, embed_like_caption
 
 
 class CaptionStream(Method):
@@ -76,61 +61,41 @@ class CaptionStream(Method):
         return {"txt": inject.caption_update(txt, vl, w, mode, st.rows)}
 
 
-class ExtraAttention(Method):
-    traits = MethodTraits("extra_attention")
-    patches = ("noise_refiner",)
-
-    def prepare(self, inj, st, call):
-        dit, device, dtype = st.dit, call.x.device, call.base.get_dtype_inference()
-
-        def make():
-            feats = inject.pool_to_budget(inj.tokens, inj.settings.token_budget)
-            n = feats.shape[1]
-            hidden, freqs = embed_like_caption(dit, feats.to(device=device, dtype=dtype), st.opts)
-            return hidden[:, :n], freqs[:, :n]
-
-        st.hidden, st.freqs = inj.cached(("attention", id(dit), str(device), dtype), st.uuid, make)
-        st.img_len = inject.image_token_count(call.x.shape[-2], call.x.shape[-1], dit.patch_size,
-                                              dit.pad_tokens_multiple)
-
-    def noise_refiner(self, inj, st, args):
-        st.vec = args["vec"]
-        return {}
+class Concat(Method):
+    traits = MethodTraits("concat", log_strength=True)
 
     def attention(self, inj, st, func, out, w, i, args, kwargs, to):
-        q = args[0] if args else kwargs.get("q")
+        """The block's attention again with log(w) added to the appended tokens' logits (w = 1: as it was;
+        w = 0: the block ignores them)."""
+        if w == 1.0:
+            return out
+        q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
-        if not torch.is_tensor(q) or q.ndim != 4 or not kwargs.get("skip_reshape", False) or out.ndim != 3:
-            raise RuntimeError("DiT Layer Injection: Z-Image's attention was called with an unexpected layout "
-                               f"(q {getattr(q, 'shape', None)}, skip_reshape={kwargs.get('skip_reshape')}); this "
-                               "ComfyUI version is not supported by extra_attention — use caption_stream or concat")
-        if st.vec is None:
-            raise RuntimeError("DiT Layer Injection: the noise_refiner patch did not record the adaLN input; "
-                               "another node replaced Z-Image's noise refiner patches")
-        freqs = st.freqs if inj.settings.vl_rope == "caption" else None
-        k, v = block_keys_values(st.dit.layers[i], st.hidden, inject.gather_rows(st.vec, st.rows), freqs)
-
-        def host_attention(q_, k_, v_):
-            return func(q_, k_, v_, heads, None, skip_reshape=True, transformer_options=to, _inside_attn_wrapper=True)
-
-        return inject.add_decoupled_attention(out, q, k, v, w, st.img_len, st.rows, attention=host_attention)
-
-
-class Concat(Method):
-    traits = MethodTraits("concat", weighted=False)
+        start, n = st.vl
+        bias = torch.zeros(k.shape[2], device=q.device, dtype=q.dtype)
+        bias[start:start + n] = math.log(w) if w > 0 else -math.inf
+        mask = bias.view(1, 1, 1, -1).expand(q.shape[0], 1, q.shape[2], -1)
+        return func(q, k, v, heads, mask, skip_reshape=True, transformer_options=to, _inside_attn_wrapper=True)
 
     def run(self, inj, call, rows):
         # the caption length must be decided before the call: read the sigma now (no read when always on)
-        if not inj.always_on and inj.step_factor(call.base.model_sampling,
-                                                 sigma_reader(call.to.get("sigmas", call.t))()) == 0.0:
+        factor = None if inj.always_on else inj.step_factor(call.base.model_sampling,
+                                                             sigma_reader(call.to.get("sigmas", call.t))())
+        if factor == 0.0:
             return call.run()
         c = call.c_crossattn
         vl = inj.cached(("concat", str(c.device), c.dtype), None,
                         lambda: inject.pool_to_budget(inj.tokens, inj.settings.token_budget).to(c.device, c.dtype))
+        to = call.to
+        if not (inj.always_on and all(s == 1.0 for s in inj.block_scale)):  # a bias somewhere: the override
+            st, to = inj.new_state(call, rows, factor)
+            st.vl = (c.shape[1], vl.shape[1])  # key columns of the appended tokens
+            st.prev_override = call.to.get("optimized_attention_override")
+            to["optimized_attention_override"] = inj.attention_override
         batch = call.x.shape[0]
         if inject.rows_cover(rows, batch):
             ctx, kw = self.appended(vl, c, call.kwargs)
-            return call.run(c_crossattn=ctx, kwargs=kw)
+            return call.run(to, c_crossattn=ctx, kwargs=kw)
         # a CFG batch with only some chunks selected: Z-Image does not mask its caption, so the selected
         # rows run with the VL tokens appended and the others unchanged, one model call per segment
         if call.control is not None:
@@ -139,8 +104,8 @@ class Concat(Method):
         chunks = len(call.to.get("cond_or_uncond") or [])
 
         def run_segment(s, e, selected):
-            sub_to = states_within(call.to, s, e)
-            sub_to = dict(sub_to) if sub_to is call.to else sub_to
+            sub_to = states_within(to if selected else call.to, s, e)
+            sub_to = dict(sub_to) if sub_to is call.to or sub_to is to else sub_to
             for key in ("cond_or_uncond", "uuids"):
                 if key in call.to:
                     sub_to[key] = inject.cut_chunk_list(call.to[key], s, e, batch, chunks)
@@ -167,7 +132,49 @@ class Concat(Method):
         return ctx, kw
 
 
-METHODS: dict[str, Method] = {m.traits.name: m for m in (ExtraAttention(), CaptionStream(), Concat())}
+class Steer(Method):
+    """A steering direction added after each selected block to one stream: x ← x + w·m ⊙ rms(x_t)·d̂_t."""
+
+    patches = ("double_block",)
+
+    def __init__(self, target: str):
+        self.target = target
+        self.traits = MethodTraits(f"steer_{target}", caption_stream=target == "caption", regional=target == "image")
+
+    def prepare(self, inj, st, call):
+        dit, device, dtype = st.dit, call.x.device, call.base.get_dtype_inference()
+        st.vl = inj.cached(("direction", id(dit), str(device), dtype), st.uuid,
+                           lambda: direction_in_model_space(dit, inj.direction.to(device=device, dtype=dtype)))
+        h, w = call.x.shape[-2:]
+        p = dit.patch_size
+        st.img_len = (-(-h // p)) * (-(-w // p))  # the real image tokens (the pad tokens after them stay)
+        st.token_weights = mask_weights(inj, st, call)
+
+    def double_block(self, inj, st, args):
+        w = inj.block_weight(st, args["block_index"])
+        if w == 0.0:
+            return {}
+        name = "txt" if self.target == "caption" else "img"
+        x = args[name]
+        direction = st.vl
+        if self.target == "caption":
+            direction = direction if direction.shape[0] == 1 else pooling.match_length(direction[None], x.shape[1],
+                                                                                       "pool")[0]
+            n = x.shape[1]
+        else:
+            direction = direction.mean(dim=0, keepdim=True)  # one direction for every image token
+            n = st.img_len
+        out = x if inject.inplace_ok(x) else x.clone()
+        offset = 0
+        for s, e in st.rows:
+            weights = None if st.token_weights is None else st.token_weights[offset:offset + e - s, :n]
+            out[s:e, :n] = inject_extra.steer_tokens(out[s:e, :n], direction, w, weights)
+            offset += e - s
+        return {} if out is x else {name: out}
+
+
+METHODS: dict[str, Method] = {m.traits.name: m for m in (ExtraAttention(), CaptionStream(), Concat(),
+                                                          ReferenceAttention(), Steer("caption"), Steer("image"))}
 
 
 def method_named(name: str) -> Method:

@@ -57,15 +57,51 @@ def block_keys_values(block, hidden: torch.Tensor, vec: torch.Tensor, freqs: tor
     attention_norm1, adaLN scale (first chunk of adaLN_modulation(vec)), qkv k/v rows and k-norm."""
     attn = block.attention
     scale_msa = block.adaLN_modulation(vec).chunk(4, dim=1)[0]
-    return inject.vl_keys_values(hidden, scale_msa, norm=block.attention_norm1, project_kv=lambda h: _project_kv(attn, h),
-                                 k_norm=lambda k: _k_norm(attn, k), n_heads=attn.n_local_heads,
+    return inject.vl_keys_values(hidden, scale_msa, norm=block.attention_norm1, project_kv=lambda h: _project(attn, h),
+                                 k_norm=lambda k: _norm(attn.k_norm, k), n_heads=attn.n_local_heads,
                                  n_kv_heads=attn.n_local_kv_heads, head_dim=attn.head_dim, freqs=freqs)
 
 
-def _project_kv(attn, hidden: torch.Tensor) -> torch.Tensor:
-    """[b, n, 2·Hkv·d]: only the k/v rows of the block's fused qkv projection (the VL queries are never needed),
-    with the weight cast the way comfy.ops does it (lowvram offload, LoRA weight functions). Quantized weight
-    types fall back to the full module call ([q | k | v], which split_kv also accepts)."""
+def block_queries(block, hidden: torch.Tensor, vec: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """q [b, H, n, d] of tokens entering one main block: its norm → adaLN scale → qkv q rows → q-norm → RoPE."""
+    attn = block.attention
+    scale_msa = block.adaLN_modulation(vec).chunk(4, dim=1)[0]
+    h = inject.modulate(block.attention_norm1(hidden), scale_msa)
+    q = _project(attn, h, rows="q")[..., :attn.n_local_heads * attn.head_dim]
+    q = _norm(attn.q_norm, q.reshape(*q.shape[:2], attn.n_local_heads, attn.head_dim))
+    return inject.apply_rope(q, freqs).movedim(1, 2)
+
+
+def reference_pass(dit, base, latent: torch.Tensor, sigma: torch.Tensor, caption: torch.Tensor, num_tokens,
+                   transformer_options: dict):
+    """A reference latent (model space, [1, C, H, W]) at σ embedded exactly as NextDiT._forward embeds a latent:
+    → (hidden [1, L, D], freqs, adaLN input, image-token start, image-token count); advance it with
+    `advance_reference`. Mirrors BaseModel._apply_model (calculate_input, timestep, dtype) and the start of
+    NextDiT._forward (t = 1 − timestep, t_embedder, patchify_and_embed with its refiners)."""
+    import comfy.ldm.common_dit
+    import comfy.model_management
+
+    ms = base.model_sampling
+    dtype = base.get_dtype_inference()
+    xc = ms.calculate_input(sigma, latent).to(dtype)
+    timesteps = ms.timestep(sigma).float()
+    context = comfy.model_management.cast_to_device(caption, xc.device, dtype)
+    x = comfy.ldm.common_dit.pad_to_patch_size(xc, (dit.patch_size, dit.patch_size))
+    adaln = dit.t_embedder((1.0 - timesteps) * dit.time_scale, dtype=x.dtype)
+    if dit.clip_text_pooled_proj is not None:  # as _forward without a pooled input
+        pooled = torch.zeros((x.shape[0], dit.clip_text_dim), device=x.device, dtype=x.dtype)
+        adaln = dit.time_text_embed(torch.cat((adaln, pooled), dim=-1))
+    img, mask, _, cap_size, freqs, _ = dit.patchify_and_embed(x, context, None, adaln, num_tokens,
+                                                              transformer_options=transformer_options)
+    n_img = (x.shape[-2] // dit.patch_size) * (x.shape[-1] // dit.patch_size)
+    return img, mask, freqs.to(img.device), adaln, cap_size[0], n_img
+
+
+def _project(attn, hidden: torch.Tensor, rows: str = "kv") -> torch.Tensor:
+    """The block's fused qkv projection, only its k/v rows (rows "kv": [b, n, 2·Hkv·d], the VL queries are never
+    needed) or only its q rows ("q"), with the weight cast the way comfy.ops does it (lowvram offload, LoRA
+    weight functions). Quantized weight types fall back to the full module call ([q | k | v], which split_kv
+    and block_queries also accept)."""
     import comfy.ops
 
     lin = attn.qkv
@@ -74,21 +110,38 @@ def _project_kv(attn, hidden: torch.Tensor) -> torch.Tensor:
     try:
         if type(weight) in (torch.Tensor, torch.nn.Parameter) and (bias is None or type(bias) in
                                                                     (torch.Tensor, torch.nn.Parameter)):
-            return torch.nn.functional.linear(hidden, weight[q_rows:], None if bias is None else bias[q_rows:])
+            part = slice(q_rows, None) if rows == "kv" else slice(0, q_rows)
+            return torch.nn.functional.linear(hidden, weight[part], None if bias is None else bias[part])
     finally:
         comfy.ops.uncast_bias_weight(lin, weight, bias, stream)
     return lin(hidden)
 
 
-def _k_norm(attn, k: torch.Tensor) -> torch.Tensor:
-    """The block's own k-norm with the model's weight cast (lowvram/LoRA aware) and epsilon rule."""
-    norm = attn.k_norm
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The block's own q- or k-norm with the model's weight cast (lowvram/LoRA aware) and epsilon rule."""
     if not isinstance(norm, torch.nn.RMSNorm):  # qk_norm off: Identity
-        return norm(k)
+        return norm(x)
     import comfy.ops
 
-    scale, _, stream = comfy.ops.cast_bias_weight(norm, k, offloadable=True)
+    scale, _, stream = comfy.ops.cast_bias_weight(norm, x, offloadable=True)
     eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-    out = inject.rms_norm_heads(k, scale, eps)
+    out = inject.rms_norm_heads(x, scale, eps)
     comfy.ops.uncast_bias_weight(norm, scale, None, stream)
     return out
+
+
+def direction_in_model_space(dit, direction: torch.Tensor) -> torch.Tensor:
+    """[K, D_cap] → [K, D]: W·(g ⊙ d), the caption embedder's linear map with its RMSNorm gain g folded in and
+    its bias dropped: where a step along d in caption-feature space points once embedded (up to the per-token
+    norm, which only rescales)."""
+    import comfy.ops
+
+    norm, lin = dit.cap_embedder[0], dit.cap_embedder[1]
+    gain, _, gain_stream = comfy.ops.cast_bias_weight(norm, direction, offloadable=True)
+    weight, bias, stream = comfy.ops.cast_bias_weight(lin, direction, offloadable=True)
+    try:
+        scaled = direction if gain is None else direction * gain
+        return torch.nn.functional.linear(scaled, weight)
+    finally:
+        comfy.ops.uncast_bias_weight(lin, weight, bias, stream)
+        comfy.ops.uncast_bias_weight(norm, gain, None, gain_stream)

@@ -464,10 +464,16 @@ def test_refuses_a_width_mismatch(host, base):
 
 
 @pytest.mark.parametrize("settings", [dict(block_weights="0-3:0"), dict(strength=0.0), dict(block_weights="all:0")])
-@pytest.mark.parametrize("method", BLOCK_METHODS)
-def test_refuses_to_patch_nothing(host, base, vl, settings, method):
-    with pytest.raises(ValueError, match="patch nothing"):
-        apply(host, base, vl, method=method, **settings)
+@pytest.mark.parametrize("method", METHODS)
+def test_strength_zero_installs_nothing_and_removes_this_applications_hooks(host, base, vl, settings, method):
+    plain = host.sample(base, steps=2, size=SMALL, cfg=2.0)
+    on = apply(host, base, vl, method=method, node_id="7")
+    off = apply(host, on, vl, method=method, node_id="7", **settings)  # the same node re-run at strength 0
+    for name in ("noise_refiner", "double_block"):
+        assert host.patches_of(off, name) == host.patches_of(base, name)
+    assert not off.get_wrappers(host.comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+                                host.injection.injection_key("7"))
+    assert bits_equal(host.sample(off, steps=2, size=SMALL, cfg=2.0), plain)
 
 
 def test_refuses_nan_vl(host, base):

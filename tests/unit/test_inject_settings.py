@@ -8,7 +8,8 @@ from vl_core.inject_settings import MAX_BLOCK_SCALE, InjectionSettings, MethodTr
 
 ATTN = MethodTraits("extra_attention")
 CAPTION = MethodTraits("caption_stream", caption_stream=True)
-CONCAT = MethodTraits("concat", weighted=False)
+CONCAT = MethodTraits("concat", log_strength=True)
+REFERENCE = MethodTraits("reference_attention", attention=True, regional=True)
 
 
 def settings(method=ATTN, num_blocks=30, **kw):
@@ -42,7 +43,10 @@ def test_defaults_are_the_nodes_and_derive_scale_and_window():
     (dict(schedule="exp"), "unknown schedule 'exp'"),
     (dict(start_percent=0.6, end_percent=0.6), "must be below end_percent"),
     (dict(block_weights="30"), "30 main blocks"),
-    (dict(strength=0.0), "would patch nothing"),
+    (dict(kv_scale="k"), "unknown kv_scale 'k'"),
+    (dict(share="mix"), "unknown share 'mix'"),
+    (dict(reference_noise="noisy"), "unknown reference_noise 'noisy'"),
+    (dict(negative_weight=float("nan")), "negative_weight must be finite"),
 ])
 def test_bad_settings_name_their_input(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -70,21 +74,31 @@ def test_caption_stream_never_weights_the_last_block():
         assert "block_weights" in str(e.value) and "caption_stream" in str(e.value)
 
 
-def test_concat_ignores_strength_and_weights_but_validates_them():
-    s = settings(CONCAT, strength=0.0, block_weights="all:0")
-    assert not any(s.block_scale) and s.always_on
-    assert settings(CONCAT, schedule="cosine").always_on  # the schedule does not shape concat
-    assert not settings(ATTN, schedule="cosine").always_on
-    with pytest.raises(ValueError, match="not a number"):
-        settings(CONCAT, block_weights="early:x")
+def test_strength_zero_is_valid_and_acts_nowhere():
+    for method in (ATTN, CAPTION, CONCAT, REFERENCE):
+        for kw in (dict(strength=0.0), dict(block_weights="all:0"), dict(strength=0.7, block_weights="0-29:0")):
+            s = settings(method, **kw)
+            assert not s.acts and not any(s.block_scale), (method.name, kw)
+    assert settings(ATTN, strength=0.1).acts
 
 
-def test_step_factor_weighted_and_window_only():
+def test_log_strength_methods_refuse_a_negative_scale():
+    """concat and share=joint use w as log(w): a negative w has no log."""
+    with pytest.raises(ValueError, match="concat uses strength × block weight as a log-strength"):
+        settings(CONCAT, strength=-0.5)
+    with pytest.raises(ValueError, match="share=joint"):
+        settings(REFERENCE, strength=-0.5, share="joint")
+    assert settings(REFERENCE, strength=-0.5, share="add").block_scale[0] == -0.5  # add: a negative pushes away
+    assert settings(ATTN, strength=-0.5, share="add").acts
+    assert settings(CONCAT, schedule="cosine").log_strength and not settings(CONCAT, schedule="cosine").always_on
+
+
+def test_step_factor_is_window_times_schedule_for_every_method():
     def p2s(p):
         return 1.0 - p
 
-    attn = settings(ATTN, start_percent=0.2, end_percent=0.8, schedule="linear_down")
-    concat = settings(CONCAT, start_percent=0.2, end_percent=0.8, schedule="linear_down")
-    assert attn.step_factor(0.9, p2s) == 0.0 and concat.step_factor(0.9, p2s) == 0.0
-    assert attn.step_factor(0.5, p2s) == pytest.approx(0.5, abs=1e-4) and concat.step_factor(0.5, p2s) == 1.0
-    assert math.isclose(attn.step_factor(0.79, p2s), 1 - (0.21 - 0.2) / 0.6, abs_tol=1e-4)
+    for method in (ATTN, CONCAT):
+        s = settings(method, start_percent=0.2, end_percent=0.8, schedule="linear_down")
+        assert s.step_factor(0.9, p2s) == 0.0
+        assert s.step_factor(0.5, p2s) == pytest.approx(0.5, abs=1e-4)
+        assert math.isclose(s.step_factor(0.79, p2s), 1 - (0.21 - 0.2) / 0.6, abs_tol=1e-4)
