@@ -47,7 +47,8 @@ def parse_layer_spec(spec: str, num_layers: int) -> tuple[list[int], dict[int, f
 
 
 def select_layers(vl: VLEmbeds, layers: list[int], weights: dict[int, float] | None) -> VLEmbeds:
-    """Keep only `layers` (each must be stored) and record their weights (None: mixed equally downstream)."""
+    """Keep only `layers` (each must be stored) and record their weights normalised to Σw = 1 (None: mixed equally
+    downstream)."""
     missing = [layer for layer in layers if layer not in vl.hidden]
     if missing:
         raise ValueError(f"layer(s) {', '.join(vl.layer_label(m) for m in missing)} are not in vl_embeds, which "
@@ -55,7 +56,8 @@ def select_layers(vl: VLEmbeds, layers: list[int], weights: dict[int, float] | N
                          "layers (e.g. '-6,-15') and select from those")
     extra = {k: v for k, v in vl.extra.items() if k != LAYER_WEIGHTS_KEY}
     if weights is not None and len(layers) > 1:
-        extra[LAYER_WEIGHTS_KEY] = {str(layer): float(weights[layer]) for layer in layers}
+        total = sum(float(weights[layer]) for layer in layers)
+        extra[LAYER_WEIGHTS_KEY] = {str(layer): float(weights[layer]) / total for layer in layers}
     return vl.with_hidden({layer: vl.hidden[layer] for layer in layers}, extra=extra)
 
 
