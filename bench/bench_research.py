@@ -6,6 +6,9 @@
   calibration  fit_calibration (ridge, λ chosen on held-out prompts, then refitted) on 200 prompts of 24–40
                aligned tokens × 2560 on the device: the solve alone (the encodes are timed by bench_encode.py)
   gram         gram_match optimiser steps per second, 1054 VL tokens × 2560 against a 32-token text
+  cal_encode   the calibration's VL encodes: encode_texts (prompts right-padded, one forward per batch) on the
+               200 first shipped prompts against one encode([], prompt) each (Z-Image's text CLIP side needs
+               a ComfyUI CLIP and is covered by the host tests, not timed here)
 
 Full-size random-init Qwen3-VL-4B (transformers class, bf16, the fast runner) for steering; random tensors of
 the real widths for the other two. Medians of `--reps` runs after a warm-up.
@@ -111,6 +114,20 @@ def bench_gram(args, device) -> dict:
             "runs_s": runs}
 
 
+def bench_calibration_encodes(args, device, dtype) -> dict:
+    cal = common.import_pack("vl_core.calibrate")
+    tq = common.import_pack("vl_core.encoders.transformers_qwen3vl")
+    model, tok = be.build_hf(common.find_comfy(args.comfy), args.tiny, device, dtype)
+    enc = tq.TransformersQwen3VL(model, tok, source="random-init", output_device=device)
+    prompts = cal.load_prompts(str(HERE.parent / "vl_core" / "data" / "calibration_prompts.txt"))[:200]
+    layers = [enc.num_layers - 5]
+    batched = timed(lambda: enc.encode_texts(prompts, layers), device, args.reps)
+    single = timed(lambda: [enc.encode([], p, layers, "after_image") for p in prompts], device, args.reps)
+    mb, ms = statistics.median(batched), statistics.median(single)
+    return {"prompts": len(prompts), "batched_s": mb, "one_at_a_time_s": ms, "speedup": ms / mb,
+            "batched_runs_s": batched, "one_at_a_time_runs_s": single}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true")
@@ -118,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--comfy", default=None)
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", choices=("steering", "calibration", "gram"), action="append")
+    ap.add_argument("--only", choices=("steering", "calibration", "gram", "cal_encode"), action="append")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     common.import_host(common.find_comfy(args.comfy), cpu=args.device == "cpu")
@@ -128,7 +145,7 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__}
     results = {"info": info}
-    wanted = args.only or ["calibration", "gram", "steering"]
+    wanted = args.only or ["calibration", "gram", "steering", "cal_encode"]
     if "calibration" in wanted:
         results["calibration"] = r = bench_calibration(args, device)
         print(f"calibration: ridge fit on {r['prompts']} prompts / {r['tokens']} tokens × {r['width']}: "
@@ -141,6 +158,10 @@ def main(argv=None) -> int:
         results["steering"] = r = bench_steering(args, device, dtype)
         print(f"steering: {r['pairs']} pairs at {r['side']}²: node path {r['node_s']:.3f} s vs encode_many "
               f"{r['encode_many_s']:.3f} s (×{r['ratio']:.2f}, target ≤ ×1.2)", flush=True)
+    if "cal_encode" in wanted:
+        results["cal_encode"] = r = bench_calibration_encodes(args, device, dtype)
+        print(f"calibration VL encodes: {r['prompts']} prompts batched {r['batched_s']:.3f} s vs one at a time "
+              f"{r['one_at_a_time_s']:.3f} s (×{r['speedup']:.1f})", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

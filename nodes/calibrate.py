@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 
 import comfy.utils
 from comfy_api.latest import io
 
-from ..vl_core import extract
+from ..vl_core import layer_mix
 from ..vl_core.checks import require_width
+from ..vl_core.encoders.batching import length_batches
 from ..vl_core.calibrate import (FITS, VLCalibration, apply_calibration, calibration_report, fit_calibration,
                                  load_prompts)
-from .common import CATEGORY, VLEmbedsType, backend_inputs, check_vl_embeds
+from .common import CATEGORY, VLEmbedsType, backend_inputs, check_vl_embeds, validation_answer
 from .backends import vl_encoder
 
 log = logging.getLogger("comfyui-zimage-vl")
@@ -21,45 +23,84 @@ SHIPPED_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
                                "calibration_prompts.txt")
 
 
-def vl_tokenizer(encoder):
-    """The Hugging Face tokenizer of either backend (native: the clip's; transformers: the folder's)."""
-    tok = getattr(encoder, "hf_tokenizer", None) or getattr(getattr(encoder, "encoder", None), "tokenizer", None)
-    if tok is None:
-        raise ValueError(f"cannot read the tokenizer of {type(encoder).__name__}: use VL Encode's backends")
-    return tok
+TEXT_BATCH_TOKENS = 8192     # padded tokens per Z-Image text-encoder call
+VL_CHUNK = 32                # prompts per VL encode_texts call (a progress tick each)
 
 
-def text_ids_and_states(text_clip, prompt: str):
-    """(ids, states [N, D]) of Z-Image's text encoder for a prompt, as CLIPTextEncode encodes it."""
+def text_row(text_clip, prompt: str, index: int) -> tuple[str, list]:
+    """(key, token row) of Z-Image's text encoder for a prompt, as CLIPTextEncode tokenizes it (one row)."""
     tokens = text_clip.tokenize(prompt)
-    rows = next(iter(tokens.values()))
-    ids = [t[0] if isinstance(t[0], int) else None for row in rows for t in row]
-    cond = text_clip.encode_from_tokens(tokens)
-    return ids, cond[0].float().cpu()
+    if len(tokens) != 1 or len(next(iter(tokens.values()))) != 1:
+        raise ValueError(f"text_clip split prompt #{index + 1} into {sum(len(v) for v in tokens.values())} token "
+                         "rows: text_clip must be Z-Image's text encoder (CLIPLoader, qwen_3_4b, type lumina2)")
+    key, rows = next(iter(tokens.items()))
+    return key, list(rows[0])
 
 
-def aligned_pairs(encoder, text_clip, prompts: list[str], layers: list[int]):
-    """Token-aligned (VL [N, D], text [N, D]) pairs; a prompt whose token ids differ between the two encoders'
-    tokenizers (or whose token counts differ) is dropped. Returns (pairs, dropped prompts)."""
-    tok = vl_tokenizer(encoder)
-    pairs, dropped = [], []
-    pbar = comfy.utils.ProgressBar(len(prompts))
-    for prompt in prompts:
-        before, text, after = extract.chat_pieces(prompt, 0, "after_image")
-        vl_ids = tok(before + text + after, add_special_tokens=False)["input_ids"]
-        text_ids, text_states = text_ids_and_states(text_clip, prompt)
-        if vl_ids != text_ids:
+def row_ids(row: list) -> list:
+    """The token ids of a row (None where ComfyUI put an embedding instead of an id)."""
+    return [int(t[0]) if isinstance(t[0], numbers.Integral) else None for t in row]
+
+
+def text_states(text_clip, key: str, rows: list[list], tick=None, max_tokens: int = TEXT_BATCH_TOKENS) -> list:
+    """Z-Image text-encoder states [N_i, D] (float32, CPU) of several prompts' token rows, batched.
+
+    ComfyUI's CLIP API has no several-prompt encode, but encode_from_tokens runs all rows of one token dict (the
+    sections of a long prompt) as one batch through one forward and returns them side by side. Rows must be
+    equally long, so each is right-padded with copies of its own last token: the Qwen3 LM is causal, no token
+    sees the padding after it, and prompt i's states are the first N_i of its section (equal to its own encode
+    to float rounding; padding tokens get attention-mask 1, they are dropped here).
+    """
+    out: list = [None] * len(rows)
+    for batch in length_batches([len(r) for r in rows], max_tokens):
+        longest = len(rows[batch[0]])
+        padded = [rows[i] + [rows[i][-1]] * (longest - len(rows[i])) for i in batch]
+        cond = text_clip.encode_from_tokens({key: padded})
+        if cond.ndim != 3 or cond.shape[1] != len(batch) * longest:
+            raise RuntimeError(f"text_clip returned {tuple(cond.shape)} for {len(batch)} rows of {longest} tokens")
+        cond = cond[0].float().cpu().reshape(len(batch), longest, -1)
+        for row, i in enumerate(batch):
+            out[i] = cond[row, :len(rows[i])].clone()
+        if tick is not None:
+            tick(len(batch))
+    return out
+
+
+def aligned_pairs(encoder, text_clip, prompts: list[str], layers: list[int],
+                  layer_weights: dict[int, float] | None = None):
+    """Token-aligned (VL [N, D], text [N, D]) pairs, both encoders batched (a progress tick per prompt on each).
+
+    A prompt whose token ids differ between the ids the VL encode runs (encoder.text_ids) and Z-Image's text
+    encoder's tokens is dropped before anything is encoded. Returns (pairs, dropped prompts)."""
+    pbar = comfy.utils.ProgressBar(2 * len(prompts))
+    kept, rows, dropped, key = [], [], [], None
+    for i, prompt in enumerate(prompts):
+        row_key, row = text_row(text_clip, prompt, i)
+        try:
+            vl_ids = encoder.text_ids(prompt, "after_image")
+        except ValueError:            # vision tokens in the prompt: the VL encode refuses it
+            vl_ids = None
+        if vl_ids is None or vl_ids != row_ids(row):
             dropped.append(prompt)
-        else:
-            vl = encoder.encode([], prompt, layers, "after_image")
-            x = vl.tokens()[0].float().cpu()
-            if not pairs:   # fail fast, before encoding every prompt
-                require_width("Qwen3-VL", x.shape[-1], "Z-Image's text encoder (text_clip)", text_states.shape[-1])
-            if x.shape[0] == text_states.shape[0]:
-                pairs.append((x, text_states))
+            pbar.update(2)
+            continue
+        key = row_key
+        kept.append(prompt)
+        rows.append(row)
+    if not kept:
+        return [], dropped
+    texts = text_states(text_clip, key, rows, tick=pbar.update)
+    require_width("Qwen3-VL", encoder.width, "Z-Image's text encoder (text_clip)", texts[0].shape[-1])
+    pairs = []
+    for start in range(0, len(kept), VL_CHUNK):
+        chunk = kept[start:start + VL_CHUNK]
+        for prompt, vl, y in zip(chunk, encoder.encode_texts(chunk, layers, "after_image"), texts[start:]):
+            x = layer_mix.apply_mix(vl, layers, layer_weights).tokens()[0].float().cpu()
+            if x.shape[0] == y.shape[0]:
+                pairs.append((x, y))
             else:
                 dropped.append(prompt)
-        pbar.update(1)
+        pbar.update(len(chunk))
     return pairs, dropped
 
 
@@ -78,7 +119,8 @@ class FitCalibration(io.ComfyNode):
                                                    "(the one feeding CLIPTextEncode)."),
                 *backend_inputs(),
                 io.String.Input("layers", default="-6",
-                                tooltip="VL layer(s) to map from: the same as your VL Encode's layers."),
+                                tooltip="VL layer(s) to map from, the same as your VL Encode's layers: '-6', "
+                                        "'-6,-15' (mixed equally) or weighted '-6:0.7, -15:0.3' (normalised)."),
                 io.Combo.Input("kind", options=list(FITS), default="affine",
                                tooltip="affine: y_d = a_d·x_d + b_d per dimension (few parameters, robust); linear: "
                                        "a full ridge-regularised D×D map (λ chosen on held-out prompts; needs more "
@@ -95,6 +137,10 @@ class FitCalibration(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, layers: str = "-6") -> bool | str:  # only layers: ComfyUI checks the rest
+        return validation_answer(layer_mix.parse_layer_spec, layers, 10_000)
+
+    @classmethod
     def execute(cls, text_clip, layers: str, kind: str, use_shipped_prompts: bool, prompts: str, max_prompts: int,
                 clip=None, vl_model=None) -> io.NodeOutput:
         items = (load_prompts(SHIPPED_PROMPTS) if use_shipped_prompts else []) + [
@@ -106,8 +152,8 @@ class FitCalibration(io.ComfyNode):
         if text_clip is None or not hasattr(text_clip, "tokenize"):
             raise ValueError("text_clip must be Z-Image's text encoder CLIP (CLIPLoader, qwen_3_4b, type lumina2)")
         encoder = vl_encoder(clip, vl_model)
-        resolved = extract.parse_layers(layers, encoder.num_layers)
-        pairs, dropped = aligned_pairs(encoder, text_clip, items, resolved)
+        resolved, weights = layer_mix.parse_layer_spec(layers, encoder.num_layers)
+        pairs, dropped = aligned_pairs(encoder, text_clip, items, resolved, weights)
         encoder.offload()
         if dropped:
             log.warning("VL Fit Calibration: %d of %d prompts dropped (token ids differ between the encoders)",
@@ -115,7 +161,8 @@ class FitCalibration(io.ComfyNode):
         if not pairs:
             raise ValueError(f"all {len(items)} prompts were dropped: the two encoders' token ids differ for every "
                              "prompt; text_clip must be Z-Image's Qwen3-4B (same vocabulary as Qwen3-VL)")
-        cal = fit_calibration(pairs, kind, resolved, encoder.num_layers, text_layer="Z-Image conditioning (-2)")
+        cal = fit_calibration(pairs, kind, resolved, encoder.num_layers, text_layer="Z-Image conditioning (-2)",
+                              vl_layer_weights=weights)
         for w in cal.warnings:
             log.warning("VL Fit Calibration: %s", w)
         report = calibration_report(cal, dropped=len(dropped), total=len(items))

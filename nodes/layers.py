@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..vl_core import layer_mix
-from .common import CATEGORY, VLEmbedsType, check_vl_embeds
+from .common import CATEGORY, VLEmbedsType, check_vl_embeds, validation_answer
 
 
 class VLSelectLayers(io.ComfyNode):
@@ -28,12 +28,8 @@ class VLSelectLayers(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, layers: str = "-6", **_) -> bool | str:
-        try:
-            layer_mix.parse_layer_spec(layers, 10_000)
-        except ValueError as e:
-            return str(e)
-        return True
+    def validate_inputs(cls, layers: str = "-6") -> bool | str:   # only layers: ComfyUI checks the rest
+        return validation_answer(layer_mix.parse_layer_spec, layers, 10_000)
 
     @classmethod
     def execute(cls, vl_embeds, layers: str) -> io.NodeOutput:

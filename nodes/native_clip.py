@@ -31,7 +31,7 @@ import comfy.model_management as model_management
 
 from ..vl_core import extract, layout, preprocess
 from ..vl_core.checks import require_choice
-from ..vl_core.encoders.batching import activation_bytes, same_size_batches
+from ..vl_core.encoders.batching import activation_bytes, length_batches, same_size_batches, text_rows_forward
 from ..vl_core.encoders.graph_cache import GraphCache
 from ..vl_core.encoders.qwen3vl_runner import Qwen3VLRunner
 from ..vl_core.encoders.qwen3vl_spec import UnsupportedModel
@@ -222,6 +222,34 @@ class NativeQwen3VLEncoder:
                     results[i] = self._embeds({layer: to_output(t[row_i:row_i + 1], out_device)
                                                for layer, t in hidden.items()}, input_ids,
                                               prompt_span, layers, prompt, placement, sizes)
+        return results
+
+    def text_ids(self, prompt: str, placement: str = "after_image") -> list[int]:
+        """The ids encode([], prompt, ..., placement) runs: ComfyUI's own tokenization of the chat text."""
+        before, text, after, full = self._chat(prompt, 0, placement)
+        return self._layout(before, text, after, full, [], [])[0].tolist()
+
+    def encode_texts(self, prompts, layers: list[int], placement: str = "after_image",
+                     max_batch_tokens: int = 16384) -> list[VLEmbeds]:
+        """One VLEmbeds per text-only prompt (= encode([], prompt, ...)); prompts of any lengths run right-padded
+        through one forward per batch of at most max_batch_tokens padded tokens (batching.text_rows_forward)."""
+        prompts = list(prompts)
+        layers = extract.check_resolved_layers(layers, self.num_layers)
+        layouts = [self._layout(*self._chat(p, 0, placement), [], []) for p in prompts]
+        results: list[VLEmbeds | None] = [None] * len(prompts)
+        for batch in length_batches([int(layouts[i][0].numel()) for i in range(len(prompts))], max_batch_tokens):
+            runner = self._fast_runner(0, int(layouts[batch[0]][0].numel()), [], batch=len(batch))
+            if runner is None:
+                for i in batch:
+                    results[i] = self.encode([], prompts[i], layers, placement)
+                continue
+            with model_management.cuda_device_context(runner.device):
+                hidden = text_rows_forward(runner, [layouts[i][0].tolist() for i in batch], self.image_pad_id, layers)
+            out_device = model_management.intermediate_device()
+            for row, i in enumerate(batch):
+                ids, span = layouts[i]
+                results[i] = self._embeds({layer: to_output(t[row:row + 1, :ids.numel()], out_device)
+                                           for layer, t in hidden.items()}, ids, span, layers, prompts[i], placement, [])
         return results
 
     def offload(self) -> bool:

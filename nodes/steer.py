@@ -6,7 +6,7 @@ import logging
 import comfy.utils
 from comfy_api.latest import io
 
-from ..vl_core import extract, preprocess
+from ..vl_core import extract, layer_mix, preprocess
 from ..vl_core.steer import (ESTIMATORS, apply_directions, check_direction_for, combine_directions, direction_report,
                              require_direction, steering_direction)
 from .backends import vl_encoder
@@ -20,9 +20,10 @@ ENCODE_CHUNK = 8      # images per encode_many call: batched forwards, and a pro
 
 
 def encode_images(encoder, batches: list[tuple[str, object]], prompt: str, layers: list[int], max_image_tokens: int,
-                  token_mode: str) -> list[list]:
+                  token_mode: str, layer_weights: dict[int, float] | None = None) -> list[list]:
     """Encode every image of several IMAGE batches with one prompt: same-size images go through one forward
-    (encoder.encode_many, ENCODE_CHUNK at a time, a progress tick each); returns one VLEmbeds list per batch."""
+    (encoder.encode_many, ENCODE_CHUNK at a time, a progress tick each), each encode given the layer mix
+    (layer_mix.apply_mix); returns one VLEmbeds list per batch."""
     pictures, owners = [], []
     for k, (name, batch) in enumerate(batches):
         for i in range(batch.shape[0]):
@@ -34,7 +35,7 @@ def encode_images(encoder, batches: list[tuple[str, object]], prompt: str, layer
         chunk = pictures[start:start + ENCODE_CHUNK]
         encoded += encoder.encode_many(chunk, prompt, layers, "after_image")
         pbar.update(len(chunk))
-    encoded = [extract.select_tokens(e, token_mode) for e in encoded]
+    encoded = [layer_mix.apply_mix(extract.select_tokens(e, token_mode), layers, layer_weights) for e in encoded]
     return [[e for e, owner in zip(encoded, owners) if owner == k] for k in range(len(batches))]
 
 
@@ -58,8 +59,9 @@ class SteeringDirection(io.ComfyNode):
                                 tooltip="Text read with every image (the same for both sets, so it cancels out)."),
                 *backend_inputs(),
                 io.String.Input("layers", default="-6",
-                                tooltip="Hidden layer(s), Hugging Face numbering (-6 clean). Use the same layers "
-                                        "as the VL Encode whose conditioning you steer."),
+                                tooltip="Hidden layer(s), Hugging Face numbering (-6 clean): '-6', '-6,-15' (mixed "
+                                        "equally) or weighted '-6:0.7, -15:0.3' (normalised), as in VL Encode. Use "
+                                        "the same layers as the VL Encode whose conditioning you steer."),
                 io.Combo.Input("method", options=list(ESTIMATORS), default="mean_diff",
                                tooltip="mean_diff (CAA): mean of the paired differences; pca (RepE): their first "
                                        "principal direction (ignores pairs that differ in other ways)."),
@@ -78,7 +80,7 @@ class SteeringDirection(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, layers: str = "-6") -> bool | str:  # only layers: ComfyUI checks the rest
-        return validation_answer(extract.parse_layers, layers, 10_000)
+        return validation_answer(layer_mix.parse_layer_spec, layers, 10_000)
 
     @classmethod
     def execute(cls, positive, negative, prompt: str, layers: str, method: str, num_tokens: int, token_mode: str,
@@ -89,9 +91,9 @@ class SteeringDirection(io.ComfyNode):
             raise ValueError(f"positive has {positive.shape[0]} images but negative has {negative.shape[0]}: the "
                              "sets are paired, give both the same number")
         encoder = vl_encoder(clip, vl_model)
-        resolved = extract.parse_layers(layers, encoder.num_layers)
+        resolved, weights = layer_mix.parse_layer_spec(layers, encoder.num_layers)
         pos, neg = encode_images(encoder, [("positive", positive), ("negative", negative)], prompt, resolved,
-                                 max_image_tokens, token_mode)
+                                 max_image_tokens, token_mode, weights)
         if offload_after_encode:
             encoder.offload()
         direction = steering_direction(pos, neg, method, num_tokens)

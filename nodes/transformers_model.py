@@ -79,6 +79,17 @@ class TransformersVLModel:
         with model_management.cuda_device_context(self.patcher.load_device):
             return self.encoder.encode_many(images, prompt, layers, placement, max_batch_tokens=max_batch_tokens)
 
+    def text_ids(self, prompt: str, placement: str = "after_image") -> list[int]:
+        """The ids encode([], prompt, ..., placement) runs."""
+        return self.encoder.text_ids(prompt, placement)
+
+    def encode_texts(self, prompts, layers: list[int], placement: str = "after_image",
+                     max_batch_tokens: int = 16384) -> list[VLEmbeds]:
+        """One VLEmbeds per text-only prompt; prompts batched right-padded through one forward (one model load)."""
+        self._load()
+        with model_management.cuda_device_context(self.patcher.load_device):
+            return self.encoder.encode_texts(prompts, layers, placement, max_batch_tokens=max_batch_tokens)
+
     def offload(self) -> bool:
         """Unload the model from the GPU now (ComfyUI reloads it on the next encode), and its CUDA graphs."""
         self.encoder.release_graphs()

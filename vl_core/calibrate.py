@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checks import require_choice, require_finite, require_width
+from .layer_mix import mix_label, same_mix
 from .types import VLEmbeds
 
 # Relative ridge strengths tried on the held-out prompts; λ is scaled by the mean input variance, so the
@@ -21,7 +22,8 @@ SKIP_FIRST_TOKENS = 1         # <|im_start|>: the attention-sink token, huge-nor
 class VLCalibration:
     """y = x·W + b per token (affine: W diagonal, stored as its diagonal [D]; linear: W [D, D]).
 
-    vl_layers / num_layers: the VL encode layers it was fitted at; text_layer: the text encoder's layer label.
+    vl_layers / num_layers: the VL encode layers it was fitted at, vl_layer_weights their mix ({layer: w}, None =
+    mixed equally; vl_core.layer_mix); text_layer: the text encoder's layer label.
     held_out: metrics on held-out prompts of the map and of the identity map (rel_error = ‖ŷ − y‖/‖y‖,
     cosine = mean per-token cos(ŷ, y)); lam: the relative ridge strength chosen there.
     """
@@ -37,10 +39,14 @@ class VLCalibration:
     num_prompts: int = 0
     num_tokens: int = 0
     warnings: tuple[str, ...] = ()
+    vl_layer_weights: dict[int, float] | None = None
 
     @property
     def width(self) -> int:
         return int(self.bias.shape[-1])
+
+    def layer_labels(self) -> str:
+        return mix_label(self.vl_layers, self.vl_layer_weights, self.num_layers)
 
     def map(self, x: torch.Tensor) -> torch.Tensor:
         """ŷ = x·W + b (x [..., D], float32 math, x's dtype back)."""
@@ -112,7 +118,8 @@ def _stack(pairs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_calibration(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], kind: str, vl_layers: Sequence[int],
-                    num_layers: int, text_layer: str = "-2") -> VLCalibration:
+                    num_layers: int, text_layer: str = "-2",
+                    vl_layer_weights: dict[int, float] | None = None) -> VLCalibration:
     """Fit y ≈ x·W + b on token-aligned (VL [N_i, D], text [N_i, D]) prompt pairs (see FITS for the two kinds).
 
     λ ∈ LAMBDAS is chosen on every HELD_OUT_EVERY-th prompt (fit on the rest), then the map is refitted on all
@@ -143,11 +150,13 @@ def fit_calibration(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], kind: st
                 "lambda_scores": {f"{k:g}": v["rel_error"] for k, v in scores.items()}}
     return VLCalibration(kind=kind, weight=w.float(), bias=b.float(), vl_layers=tuple(int(v) for v in vl_layers),
                          num_layers=int(num_layers), text_layer=str(text_layer), lam=float(lam), held_out=held_out,
-                         num_prompts=len(pairs), num_tokens=int(x_all.shape[0]), warnings=tuple(warnings))
+                         num_prompts=len(pairs), num_tokens=int(x_all.shape[0]), warnings=tuple(warnings),
+                         vl_layer_weights=None if vl_layer_weights is None else
+                         {int(k): float(v) for k, v in sorted(vl_layer_weights.items())})
 
 
 def check_calibration_for(cal: VLCalibration, vl: VLEmbeds) -> None:
-    """ValueError unless the map was fitted at this encode's width and layers."""
+    """ValueError unless the map was fitted at this encode's width, layers and layer weights."""
     if not isinstance(cal, VLCalibration):
         raise ValueError(f"calibration must come from a Fit Calibration node, got {type(cal).__name__}")
     require_width("calibration", cal.width, "vl_embeds", vl.width,
@@ -155,10 +164,15 @@ def check_calibration_for(cal: VLCalibration, vl: VLEmbeds) -> None:
     if tuple(vl.layers) != cal.vl_layers:
         raise ValueError(f"the calibration was fitted at VL layer(s) {list(cal.vl_layers)} but vl_embeds holds "
                          f"{vl.layers}: encode with the calibration's layers, or fit one at these")
+    if not same_mix(vl.layers, vl.stored_layer_weights(), cal.vl_layers, cal.vl_layer_weights):
+        raise ValueError(f"the calibration was fitted at the layer mix {cal.layer_labels()} but vl_embeds mixes "
+                         f"{mix_label(vl.layers, vl.stored_layer_weights(), vl.num_layers)}: encode with the "
+                         "calibration's layers (and weights), or fit one at these")
 
 
 def apply_calibration(cal: VLCalibration, vl: VLEmbeds, image_only: bool = True) -> VLEmbeds:
-    """h' = h·W + b at every stored layer, on the image tokens only (image_only) or on all tokens."""
+    """h' = h·W + b at every stored layer, on the image tokens only (image_only) or on all tokens; with Σ_l w_l = 1
+    the stored mix reads Σ_l w_l·(h_l·W + b) = (Σ_l w_l·h_l)·W + b, the map of the mix it was fitted on."""
     check_calibration_for(cal, vl)
     mask = vl.image_mask()
     if image_only and not bool(mask.any()):
@@ -179,7 +193,7 @@ def calibration_report(cal: VLCalibration, dropped: int = 0, total: int | None =
         f"calibration: {cal.kind}, λ = {cal.lam:g} (chosen on {cal.held_out.get('prompts', 0)} held-out prompts)",
         f"prompts used: {cal.num_prompts} of {total} ({dropped} dropped: token ids differ between the encoders), "
         f"{cal.num_tokens} tokens, width {cal.width}",
-        f"VL layer(s) {', '.join(str(v - cal.num_layers - 1) for v in cal.vl_layers)} -> text layer {cal.text_layer}",
+        f"VL layer(s) {cal.layer_labels()} -> text layer {cal.text_layer}",
         f"held-out relative error: map {m.get('rel_error', math.nan):.4f}, identity "
         f"{ident.get('rel_error', math.nan):.4f}",
         f"held-out mean cosine:    map {m.get('cosine', math.nan):.4f}, identity {ident.get('cosine', math.nan):.4f}",

@@ -2,6 +2,8 @@
 
 The weights live in VLEmbeds.extra[LAYER_WEIGHTS_KEY] ({"<layer>": w}, Σw = 1), so every consumer that reads
 vl.tokens() gets Σ_l w_l·h_l; without the key the stored layers are mixed equally (the old behaviour).
+parse_layer_spec is the one parser of every `layers` input (VL Encode, VL Select Layers, VL Steering Direction,
+VL Fit Calibration); require_same_mix the one check that two encodings mix their layers alike.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def parse_layer_spec(spec: str, num_layers: int) -> tuple[list[int], dict[int, f
 
 
 def select_layers(vl: VLEmbeds, layers: list[int], weights: dict[int, float] | None) -> VLEmbeds:
-    """Keep only `layers` (each must be stored) and record their weights (None: mixed equally downstream)."""
+    """Keep only `layers` (each must be stored) and record their weights normalised to Σw = 1 (None: mixed equally
+    downstream)."""
     missing = [layer for layer in layers if layer not in vl.hidden]
     if missing:
         raise ValueError(f"layer(s) {', '.join(vl.layer_label(m) for m in missing)} are not in vl_embeds, which "
@@ -53,13 +56,50 @@ def select_layers(vl: VLEmbeds, layers: list[int], weights: dict[int, float] | N
                          "layers (e.g. '-6,-15') and select from those")
     extra = {k: v for k, v in vl.extra.items() if k != LAYER_WEIGHTS_KEY}
     if weights is not None and len(layers) > 1:
-        extra[LAYER_WEIGHTS_KEY] = {str(layer): float(weights[layer]) for layer in layers}
+        total = sum(float(weights[layer]) for layer in layers)
+        extra[LAYER_WEIGHTS_KEY] = {str(layer): float(weights[layer]) / total for layer in layers}
     return vl.with_hidden({layer: vl.hidden[layer] for layer in layers}, extra=extra)
+
+
+def apply_mix(vl: VLEmbeds, layers: list[int], weights: dict[int, float] | None) -> VLEmbeds:
+    """What a `layers` spec gives an encode made at exactly those layers: the weights recorded (select_layers), or
+    the encode unchanged for an unweighted spec."""
+    return vl if weights is None else select_layers(vl, layers, weights)
+
+
+def mix_label(layers, weights: dict[int, float] | None, num_layers: int) -> str:
+    """'-6 ×0.70 + -15 ×0.30', or the layers joined by ', ' when mixed equally (weights None)."""
+    if weights is None:
+        return ", ".join(str(layer - num_layers - 1) for layer in sorted(layers))
+    return " + ".join(f"{layer - num_layers - 1} ×{w:.2f}" for layer, w in sorted(weights.items()))
 
 
 def layer_mix_label(vl: VLEmbeds) -> str:
     """'-6 ×0.70 + -15 ×0.30', or the layers joined by ', ' when mixed equally."""
-    weights = vl.stored_layer_weights()
+    return mix_label(vl.layers, vl.stored_layer_weights(), vl.num_layers)
+
+
+def mix_weights(layers, weights: dict[int, float] | None) -> dict[int, float]:
+    """The effective mix Σ_l w_l·h_l / Σ_l w_l that VLEmbeds.tokens() reads: the weights normalised, else 1/L each."""
     if weights is None:
-        return ", ".join(str(layer - vl.num_layers - 1) for layer in vl.layers)
-    return " + ".join(f"{layer - vl.num_layers - 1} ×{w:.2f}" for layer, w in weights.items())
+        return {int(layer): 1.0 / len(layers) for layer in layers}
+    total = sum(weights.values())
+    return {int(layer): float(w) / total for layer, w in weights.items()}
+
+
+MIX_TOLERANCE = 1e-6
+
+
+def same_mix(layers_a, weights_a, layers_b, weights_b) -> bool:
+    """True when two (layers, weights) read the same Σ_l w_l·h_l: same layers, |Δw_l| ≤ 1e-6 after normalising
+    (an explicit equal weighting is the same mix as none)."""
+    a, b = mix_weights(layers_a, weights_a), mix_weights(layers_b, weights_b)
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= MIX_TOLERANCE for k in a)
+
+
+def require_same_mix(name: str, vl: VLEmbeds, ref_name: str, ref: VLEmbeds, *, what: str) -> None:
+    """ValueError unless two encodings of the same layers mix them with the same weights (see same_mix)."""
+    if not same_mix(vl.layers, vl.stored_layer_weights(), ref.layers, ref.stored_layer_weights()):
+        raise ValueError(f"{name} mixes its layers as {layer_mix_label(vl)} but {ref_name} as "
+                         f"{layer_mix_label(ref)}: {what} must use the same layer weights (the same VL Encode "
+                         "layers, or one VL Select Layers spec for all)")

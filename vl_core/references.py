@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from .checks import require_choice, require_finite, require_same_encoding
+from .layer_mix import require_same_mix
 from .pooling import match_length
 from .types import VLEmbeds
 
@@ -41,6 +42,9 @@ def _check_refs(name: str, refs: Sequence[VLEmbeds], like: VLEmbeds) -> None:
             raise ValueError(f"{name} #{i + 1} must come from a VL Encode / Load VL Embeddings node, got "
                              f"{type(r).__name__}")
         require_same_encoding(f"{name} #{i + 1}", r, "reference #1", like, what="every reference")
+        # combined per layer, then read through reference #1's stored weights: a reference mixed otherwise
+        # would silently be re-weighted, so it is refused
+        require_same_mix(f"{name} #{i + 1}", r, "reference #1", like, what="every reference")
         if r.num_tokens < 1:
             raise ValueError(f"{name} #{i + 1} has no tokens: check its token mode")
         for layer, t in r.hidden.items():
@@ -86,6 +90,7 @@ def combine_references(refs: Sequence[VLEmbeds], weights: Sequence[float], mode:
                        negatives: Sequence[VLEmbeds] = (), negative_weight: float = 1.0,
                        num_tokens: int = 0) -> VLEmbeds:
     """One VLEmbeds from several, per stored layer; negatives push away: out = combine(refs) − w_neg·mean(neg).
+    Every input must hold the same layers mixed with the same weights (the result keeps reference #1's mix).
 
     concat:       [r_1 − w_neg·n̄; …; r_k − w_neg·n̄] side by side (n̄ pooled to each span); spans and weights kept
                   in extra["references"] for the injection (the tokens themselves are not scaled).

@@ -54,6 +54,19 @@ def _layers(label: str, field: str, v, num_layers: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
+def _mix(label: str, field: str, v, layers: tuple[int, ...]) -> dict[int, float] | None:
+    """A layer mix {"<layer>": w > 0} naming exactly `layers`, or None / absent (mixed equally)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or sorted(v) != sorted(str(x) for x in layers):
+        raise _fail(label, field, f"must be a JSON object with one weight per layer {list(layers)[:8]}")
+    return {int(k): _float(label, field, w, 1e-12) for k, w in sorted(v.items(), key=lambda kv: int(kv[0]))}
+
+
+def _mix_json(weights: dict[int, float] | None) -> dict | None:
+    return None if weights is None else {str(k): float(w) for k, w in weights.items()}
+
+
 def _strings(label: str, field: str, v) -> tuple[str, ...]:
     return tuple(_str(label, field, x, MAX_TEXT) for x in _list(label, field, v, MAX_VALUES))
 
@@ -94,7 +107,7 @@ def _direction_meta(d: VLDirection) -> tuple[dict, dict]:
     meta = {"format": DIRECTION_FORMAT, "version": VERSION, "scale": d.scale, "layers": list(d.layers),
             "num_layers": d.num_layers, "method": d.method, "pairs": d.pairs,
             "explained_variance": d.explained_variance, "agreement": list(d.agreement), "prompt": d.prompt,
-            "width": d.width, "num_tokens": d.num_tokens}
+            "width": d.width, "num_tokens": d.num_tokens, "layer_weights": _mix_json(d.layer_weights)}
     return {"vector": d.vector}, meta
 
 
@@ -109,8 +122,9 @@ def _direction_fields(label: str, meta: dict, specs: dict) -> dict:
         if field in meta and meta[field] != actual:
             raise _fail(label, field, f"is {str(meta[field])[:20]}, but the vector is {k}×{width}")
     num_layers = _int(label, "num_layers", meta["num_layers"], 1, MAX_LAYERS)
-    return dict(scale=_float(label, "scale", meta["scale"], 0.0), layers=_layers(label, "layers", meta["layers"],
-                                                                                  num_layers),
+    layers = _layers(label, "layers", meta["layers"], num_layers)
+    return dict(scale=_float(label, "scale", meta["scale"], 0.0), layers=layers,
+                layer_weights=_mix(label, "layer_weights", meta.get("layer_weights"), layers),
                 num_layers=num_layers, method=_choice(label, "method", meta["method"], DIRECTION_METHODS),
                 pairs=_int(label, "pairs", meta["pairs"], 0),
                 explained_variance=_float(label, "explained_variance", meta.get("explained_variance"), 0.0, 1.0 + 1e-6,
@@ -135,7 +149,7 @@ def _calibration_meta(c: VLCalibration) -> tuple[dict, dict]:
     meta = {"format": CALIBRATION_FORMAT, "version": VERSION, "kind": c.kind, "vl_layers": list(c.vl_layers),
             "num_layers": c.num_layers, "text_layer": c.text_layer, "lam": c.lam, "held_out": c.held_out,
             "num_prompts": c.num_prompts, "num_tokens": c.num_tokens, "warnings": list(c.warnings),
-            "width": c.width}
+            "width": c.width, "vl_layer_weights": _mix_json(c.vl_layer_weights)}
     return {"weight": c.weight, "bias": c.bias}, meta
 
 
@@ -172,7 +186,9 @@ def _calibration_fields(label: str, meta: dict, specs: dict) -> dict:
     if "width" in meta and meta["width"] != width:
         raise _fail(label, "width", f"is {str(meta['width'])[:20]}, but the tensors are {width} wide")
     num_layers = _int(label, "num_layers", meta["num_layers"], 1, MAX_LAYERS)
-    return dict(kind=kind, vl_layers=_layers(label, "vl_layers", meta["vl_layers"], num_layers),
+    vl_layers = _layers(label, "vl_layers", meta["vl_layers"], num_layers)
+    return dict(kind=kind, vl_layers=vl_layers,
+                vl_layer_weights=_mix(label, "vl_layer_weights", meta.get("vl_layer_weights"), vl_layers),
                 num_layers=num_layers, text_layer=_str(label, "text_layer", meta["text_layer"], 256),
                 lam=_float(label, "lam", meta["lam"], 0.0), held_out=_held_out(label, meta.get("held_out", {})),
                 num_prompts=_int(label, "num_prompts", meta.get("num_prompts", 0), 0),

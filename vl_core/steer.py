@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import require_choice, require_finite, require_same_encoding, require_tokens, require_width
+from .layer_mix import mix_label, require_same_mix, same_mix
 from .pooling import match_length
 from .stats import EPS
 from .types import VLEmbeds
@@ -20,7 +21,8 @@ class VLDirection:
     vector:   Tensor[K, D] float32, unit RMS row norm: sqrt(mean_k |v_k|²) = 1 (K = 1: one unit vector;
               K > 1: one row per pooled token position).
     scale:    sqrt(mean_k |raw_k|²) of the raw estimate before normalisation (how far apart the sets are).
-    layers:   resolved hidden-state layers the encodes were read at; num_layers: the source model depth.
+    layers:   resolved hidden-state layers the encodes were read at; num_layers: the source model depth;
+              layer_weights: {layer: w} of a weighted layer mix (vl_core.layer_mix), None = mixed equally.
     method:   estimator ("mean_diff" | "pca" | "combined"); pairs: contrastive pairs it came from.
     explained_variance: share of the paired differences' energy along the first principal component.
     agreement: cos(d_i, mean d) per pair (does every pair point the same way?).
@@ -35,6 +37,7 @@ class VLDirection:
     explained_variance: float = float("nan")
     agreement: tuple[float, ...] = ()
     prompt: str = ""
+    layer_weights: dict[int, float] | None = None
 
     @property
     def width(self) -> int:
@@ -45,7 +48,7 @@ class VLDirection:
         return int(self.vector.shape[0])
 
     def layer_labels(self) -> str:
-        return ", ".join(str(layer - self.num_layers - 1) for layer in self.layers)
+        return mix_label(self.layers, self.layer_weights, self.num_layers)
 
 
 def token_rms(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -96,7 +99,7 @@ def _cosines(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _pooled(name: str, embeds: Sequence[VLEmbeds], num_tokens: int) -> torch.Tensor:
-    """[P, K, D]: each encode's tokens (layers mixed equally, batch row 0) area-pooled to K tokens."""
+    """[P, K, D]: each encode's tokens (its stored layer mix, batch row 0) area-pooled to K tokens."""
     out = []
     for i, e in enumerate(embeds):
         tokens = e.tokens().float()[:1]
@@ -116,6 +119,7 @@ def _check_sets(positives: Sequence[VLEmbeds], negatives: Sequence[VLEmbeds]) ->
     for name, group in (("positive", positives), ("negative", negatives)):
         for i, e in enumerate(group):
             require_same_encoding(f"{name} #{i + 1}", e, "positive #1", first, what="both sets")
+            require_same_mix(f"{name} #{i + 1}", e, "positive #1", first, what="both sets")
 
 
 def steering_direction(positives: Sequence[VLEmbeds], negatives: Sequence[VLEmbeds], method: str = "mean_diff",
@@ -137,7 +141,8 @@ def steering_direction(positives: Sequence[VLEmbeds], negatives: Sequence[VLEmbe
     first = positives[0]
     return VLDirection(vector=vector, scale=scale, layers=tuple(first.layers), num_layers=first.num_layers,
                        method=method, pairs=len(positives), explained_variance=_explained_variance(diffs),
-                       agreement=tuple(float(c) for c in _cosines(diffs, mean)), prompt=first.prompt)
+                       agreement=tuple(float(c) for c in _cosines(diffs, mean)), prompt=first.prompt,
+                       layer_weights=first.stored_layer_weights())
 
 
 def require_direction(name: str, direction) -> VLDirection:
@@ -178,10 +183,11 @@ def _check_compatible(directions: Sequence[VLDirection]) -> None:
     first = directions[0]
     for i, d in enumerate(directions):
         check_direction_for(d, first.width, f"direction #{i + 1}")
-        if d.layers != first.layers or d.num_tokens != first.num_tokens:
-            raise ValueError(f"direction #{i + 1} is for layers {d.layers} with {d.num_tokens} token(s) but #1 is "
-                             f"for layers {first.layers} with {first.num_tokens}: estimate them with the same "
-                             "layers and num_tokens")
+        if (d.layers != first.layers or d.num_tokens != first.num_tokens
+                or not same_mix(d.layers, d.layer_weights, first.layers, first.layer_weights)):
+            raise ValueError(f"direction #{i + 1} is for layers {d.layer_labels()} with {d.num_tokens} token(s) but "
+                             f"#1 is for layers {first.layer_labels()} with {first.num_tokens}: estimate them with "
+                             "the same layers (and layer weights) and num_tokens")
 
 
 def _gram_schmidt(rows: torch.Tensor) -> torch.Tensor:
@@ -212,7 +218,8 @@ def combine_directions(directions: Sequence[VLDirection], weights: Sequence[floa
     scale = sum(abs(float(x)) * d.scale for x, d in zip(weights, directions))
     first = directions[0]
     combined = VLDirection(vector=vector, scale=scale, layers=first.layers, num_layers=first.num_layers,
-                           method="combined", pairs=sum(d.pairs for d in directions), prompt=first.prompt)
+                           method="combined", pairs=sum(d.pairs for d in directions), prompt=first.prompt,
+                           layer_weights=first.layer_weights)
     lines = [f"combined {len(directions)} direction(s), weights {[float(x) for x in weights]}, "
              f"orthogonalize={orthogonalize}",
              f"explained variance of the inputs' 1st PC: {_explained_variance(units):.3f} (1 = all on one axis)",

@@ -110,3 +110,19 @@ def test_the_shipped_prompt_list_is_long_and_varied():
     assert len({p.split()[0].lower() for p in items}) > 40          # not one template repeated
     assert SKIP_FIRST_TOKENS == 1
     assert map_metrics(torch.ones(2, 3), torch.ones(2, 3))["rel_error"] == 0
+
+
+def test_a_map_fitted_on_a_layer_mix_maps_the_mix_and_refuses_another():
+    from vl_core.calibrate import check_calibration_for
+    from vl_core.layer_mix import select_layers
+    g = torch.Generator().manual_seed(7)
+    cal = VLCalibration(kind="linear", weight=torch.randn(D, D, generator=g), bias=torch.randn(D, generator=g),
+                        vl_layers=(3, 5), num_layers=8, text_layer="-2", lam=0.0, vl_layer_weights={3: 0.3, 5: 0.7})
+    vl = select_layers(embeds(layers=(3, 5)), [3, 5], {3: 3.0, 5: 7.0})
+    out = apply_calibration(cal, vl, image_only=False)
+    assert torch.allclose(out.tokens(), cal.map(vl.tokens()), atol=1e-5)     # map of each layer = map of the mix
+    assert "VL layer(s) -6 ×0.30 + -4 ×0.70" in calibration_report(cal)
+    with pytest.raises(ValueError, match=r"fitted at the layer mix -6 ×0.30 \+ -4 ×0.70 but vl_embeds mixes -6, -4"):
+        check_calibration_for(cal, embeds(layers=(3, 5)))
+    fitted = fit_calibration([(x, x) for x in prompts(10)], "affine", (3, 5), 8, vl_layer_weights={5: 0.7, 3: 0.3})
+    assert fitted.vl_layer_weights == {3: 0.3, 5: 0.7}

@@ -78,3 +78,18 @@ def test_a_weighted_mix_survives_save_and_load_and_broken_weights_are_refused(tm
         save_file(load_file(path), str(tmp_path / "bad.safetensors"), metadata={"vl_embeds": json.dumps(meta)})
         with pytest.raises(ValueError, match="field 'extra.layer_weights'"):
             VLEmbeds.from_safetensors(str(tmp_path / "bad.safetensors"))
+
+
+def test_an_explicit_equal_weighting_is_the_same_mix_as_none_and_other_weights_are_not():
+    from vl_core.layer_mix import apply_mix, require_same_mix, same_mix
+
+    assert same_mix([22, 31], None, [22, 31], {22: 2.0, 31: 2.0})
+    assert not same_mix([22, 31], None, [22, 31], {22: 0.3, 31: 0.7})
+    assert not same_mix([22, 31], None, [22], None)
+    vl = embeds((31, 22))
+    weighted = apply_mix(vl, *parse_layer_spec("-6:0.7, -15:0.3", NUM_LAYERS))
+    assert apply_mix(vl, *parse_layer_spec("-6,-15", NUM_LAYERS)) is vl            # unweighted: unchanged
+    require_same_mix("a", weighted, "b", select_layers(vl, [22, 31], {22: 3.0, 31: 7.0}), what="both")
+    with pytest.raises(ValueError, match=r"a mixes its layers as -15 ×0.30 \+ -6 ×0.70 but b as -15, -6: both "
+                                         "must use the same layer weights"):
+        require_same_mix("a", weighted, "b", vl, what="both")

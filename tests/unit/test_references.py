@@ -88,3 +88,22 @@ def test_bad_references_are_refused():
         combine_references([ref(), ref()], [1, -1], "average")
     with pytest.raises(ValueError, match="combine mode"):
         combine_references([ref()], [1], "sum")
+
+
+def _mixed(r, weights):
+    from vl_core.layer_mix import select_layers
+    return select_layers(r, sorted(weights), weights)
+
+
+@pytest.mark.parametrize("mode", ["concat", "average", "norm_average"])
+def test_references_mixed_with_other_layer_weights_are_refused(mode):
+    a, b = ref(seed=1, layers=(3, 5)), ref(seed=2, layers=(3, 5))
+    with pytest.raises(ValueError, match=r"reference #2 mixes its layers as -6 ×0.80 \+ -4 ×0.20 but reference #1 "
+                                         r"as -6 ×0.50 \+ -4 ×0.50"):
+        combine_references([_mixed(a, {3: 0.5, 5: 0.5}), _mixed(b, {3: 0.8, 5: 0.2})], [1, 1], mode)
+    with pytest.raises(ValueError, match="negative #1 mixes its layers"):
+        combine_references([a], [1], mode, negatives=[_mixed(b, {3: 0.8, 5: 0.2})])
+    # the same mix (an explicit equal weighting = none) combines, and the result reads that mix
+    out = combine_references([_mixed(a, {3: 1.0, 5: 3.0}), _mixed(b, {3: 0.25, 5: 0.75})], [1, 1], mode)
+    assert out.stored_layer_weights() == pytest.approx({3: 0.25, 5: 0.75})
+    combine_references([a, _mixed(b, {3: 1.0, 5: 1.0})], [1, 1], mode)

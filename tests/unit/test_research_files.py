@@ -63,6 +63,27 @@ def test_a_calibration_round_trips_exactly_and_maps_like_the_original(tmp_path, 
     assert torch.equal(apply_calibration(back, vl).tokens(), apply_calibration(c, vl).tokens())
 
 
+def test_layer_mixes_round_trip_and_a_loaded_map_for_another_mix_is_refused(tmp_path):
+    from vl_core.layer_mix import select_layers
+    d = direction(layers=(3, 5), layer_weights={3: 0.25, 5: 0.75})
+    write(DIRECTION, d, path := str(tmp_path / "d.safetensors"))
+    assert read(DIRECTION, path).layer_weights == {3: 0.25, 5: 0.75}
+    assert read(DIRECTION, _saved(tmp_path, direction())).layer_weights is None
+    c = calibration(vl_layers=(3, 5), vl_layer_weights={3: 0.25, 5: 0.75})
+    write(CALIBRATION, c, path := str(tmp_path / "c.safetensors"))
+    back = read(CALIBRATION, path)
+    assert back.vl_layer_weights == {3: 0.25, 5: 0.75}
+    check_calibration_for(back, select_layers(embeds(layers=(3, 5)), [3, 5], {3: 1.0, 5: 3.0}))
+    with pytest.raises(ValueError, match="fitted at the layer mix"):
+        check_calibration_for(back, embeds(layers=(3, 5)))
+
+
+def _saved(tmp_path, value, kind=DIRECTION) -> str:
+    path = str(tmp_path / "v.safetensors")
+    write(kind, value, path)
+    return path
+
+
 def test_a_loaded_map_or_direction_for_another_width_or_layer_is_refused_when_applied(tmp_path):
     path = str(tmp_path / "c.safetensors")
     write(CALIBRATION, calibration(), path)
@@ -103,6 +124,9 @@ DIRECTION_CASES = [
     (GOOD_VECTOR, {"prompt": 3}, "'prompt'"),
     (GOOD_VECTOR, {"num_layers": ...}, "'num_layers' is missing"),
     (GOOD_VECTOR, {"width": 9}, "'width'"),
+    (GOOD_VECTOR, {"layer_weights": {"4": 1.0}}, "'layer_weights'"),
+    (GOOD_VECTOR, {"layer_weights": {"5": 0.0}}, "'layer_weights'"),
+    (GOOD_VECTOR, {"layer_weights": [1.0]}, "'layer_weights'"),
     ({"vector": torch.ones(8)}, {}, "'tensor vector' has shape"),
     ({"vector": torch.ones(2, 8, dtype=torch.int32)}, {}, "'tensor vector' has dtype I32"),
     ({"vector": torch.full((2, 8), float("nan"))}, {}, "'tensor vector' contains 16 NaN/Inf"),
@@ -132,6 +156,8 @@ CALIBRATION_CASES = [
     (GOOD_MAP, {"held_out": {"map": {"rel_error": "x"}}}, "'held_out.map.rel_error'"),
     (GOOD_MAP, {"warnings": [1]}, "'warnings'"),
     (GOOD_MAP, {"num_tokens": -1}, "'num_tokens'"),
+    (GOOD_MAP, {"vl_layer_weights": {"5": "x"}}, "'vl_layer_weights'"),
+    (GOOD_MAP, {"vl_layer_weights": {"5": 1.0, "6": 1.0}}, "'vl_layer_weights'"),
     ({"weight": torch.eye(8)}, {}, "'tensors'"),
     ({"weight": torch.eye(8), "bias": torch.zeros(7)}, {}, "'tensor weight' has shape"),
     ({"weight": torch.eye(8), "bias": torch.tensor([float("inf")] * 8)}, {}, "'tensor bias' contains 8"),

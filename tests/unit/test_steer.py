@@ -81,12 +81,34 @@ def test_sets_of_different_width_or_layers_are_refused():
     with pytest.raises(ValueError, match="identically"):
         x = embeds(torch.randn(5, 16))
         steering_direction([x], [x])
+    from vl_core.layer_mix import select_layers
+    two = [embeds(torch.randn(5, 16), layers=(3, 5)) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"negative #1 mixes its layers as -6 ×0.90 \+ -4 ×0.10 but positive #1 as "
+                                         "-6, -4: both sets must use the same layer weights"):
+        steering_direction([two[0]], [select_layers(two[1], [3, 5], {3: 0.9, 5: 0.1})])
 
 
-def direction(v, layers=(3,)):
+def test_a_weighted_direction_is_the_direction_of_the_mix_and_records_it():
+    from vl_core.layer_mix import select_layers
+    planted = unit(32, 4) * 2.0
+    g = torch.Generator().manual_seed(5)
+    pos, neg = [], []
+    for _ in range(6):    # the difference lives in layer 3 only: a 0.25 share of it in the mix
+        base = torch.randn(6, 32, generator=g)
+        pos.append(select_layers(VLEmbeds(hidden={3: (base + planted)[None], 5: base[None].clone()},
+                                          image_spans=(), prompt_span=(0, 0), num_layers=8), [3, 5], {3: 1, 5: 3}))
+        neg.append(select_layers(VLEmbeds(hidden={3: base[None].clone(), 5: base[None].clone()}, image_spans=(),
+                                          prompt_span=(0, 0), num_layers=8), [3, 5], {3: 1, 5: 3}))
+    got = steering_direction(pos, neg)
+    assert got.layer_weights == pytest.approx({3: 0.25, 5: 0.75})
+    assert got.scale == pytest.approx(0.25 * 2.0, rel=1e-4)
+    assert "layers -6 ×0.25 + -4 ×0.75" in direction_report(got)
+
+
+def direction(v, layers=(3,), layer_weights=None):
     v = v.reshape(1, -1) if v.ndim == 1 else v
     return VLDirection(vector=v / v.square().sum(-1).mean().sqrt(), scale=1.0, layers=layers, num_layers=8,
-                       method="mean_diff", pairs=1)
+                       method="mean_diff", pairs=1, layer_weights=layer_weights)
 
 
 def test_apply_adds_relative_to_each_tokens_rms():
@@ -124,6 +146,13 @@ def test_combine_weighted_sum_and_gram_schmidt():
 def test_combine_refuses_mismatches():
     with pytest.raises(ValueError, match="layers"):
         combine_directions([direction(unit(8, 0)), direction(unit(8, 1), layers=(4,))], [1, 1])
+    with pytest.raises(ValueError, match=r"direction #2 is for layers -6 ×0.20 \+ -4 ×0.80 with 1 token\(s\) but #1 "
+                                         "is for layers -6, -4"):
+        combine_directions([direction(unit(8, 0), layers=(3, 5)),
+                            direction(unit(8, 1), layers=(3, 5), layer_weights={3: 0.2, 5: 0.8})], [1, 1])
+    same, _ = combine_directions([direction(unit(8, 0), layers=(3, 5)),
+                                  direction(unit(8, 1), layers=(3, 5), layer_weights={3: 0.5, 5: 0.5})], [1, 1])
+    assert same.layers == (3, 5)
     with pytest.raises(ValueError, match="2 weights for 1"):
         combine_directions([direction(unit(8, 0))], [1, 1])
     with pytest.raises(ValueError, match="cancel"):

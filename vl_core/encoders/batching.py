@@ -1,4 +1,5 @@
-"""Batching of several reference images through one forward, and the activation memory it needs."""
+"""Batching of several reference images (or text-only prompts) through one forward, and the activation memory
+it needs."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -32,3 +33,46 @@ def activation_bytes(spec: Qwen3VLSpec, num_tokens: int, sizes: Sequence[tuple[i
     vision = patches * spec.vision_hidden * 14 * 2          # qkv, mlp (4x), residuals
     text = num_tokens * (spec.hidden * 8 + 3 * 4 * spec.hidden) * 2
     return int(batch * (vision + text))
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int = 16384) -> list[list[int]]:
+    """Indices of sequences grouped longest first into batches whose padded size (rows × longest row) is at most
+    max_tokens (one row at least): sorting by length keeps the padding small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * int(lengths[batches[-1][0]]) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def text_rows_forward(runner, rows: Sequence[Sequence[int]], image_pad_id: int,
+                      layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """{layer: [B, N_max, D]} of B text-only id sequences of different lengths through one runner forward.
+
+    Each row is right-padded to the longest with its own last id. The LM is causal, so token t of row b attends
+    to tokens ≤ t of row b only: its first len_b states are those of encoding it alone (to float rounding);
+    the states past len_b are padding for the caller to drop. Text-only rows share the MRoPE positions 0..N−1,
+    so the runner's tables of the longest row serve every row (Qwen3VLRunner's own tables and decoder loop).
+    """
+    import torch.nn.functional as F
+
+    from .qwen3vl_runner import sdpa_context
+
+    if not rows or any(not r for r in rows):
+        raise ValueError("text_rows_forward needs at least one non-empty id sequence")
+    if any(int(t) == image_pad_id for r in rows for t in r):
+        raise ValueError("text rows must not hold image-pad ids (they carry no images)")
+    wanted = sorted({int(layer) for layer in layers})
+    longest = max(rows, key=len)
+    ids = torch.tensor([[int(t) for t in r] + [int(r[-1])] * (len(longest) - len(r)) for r in rows])
+    _, cos, sin, image_pos = runner._tables_for([int(t) for t in longest], image_pad_id, [])
+    with torch.inference_mode(), sdpa_context(runner.sdpa, runner.device):
+        embed = runner.lm.embed_tokens
+        weight, _, token = runner.weights.get(embed)
+        x = F.embedding(ids.to(runner.device), weight)
+        if token is not None:
+            runner.weights.release(embed, weight, None, token)
+        return runner._decoder(x, cos, sin, image_pos, [], wanted)

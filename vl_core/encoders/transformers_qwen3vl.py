@@ -29,7 +29,7 @@ import torch
 from .. import extract, layout, preprocess
 from ..checks import require_choice
 from ..types import VLEmbeds
-from .batching import same_size_batches
+from .batching import length_batches, same_size_batches, text_rows_forward
 from .graph_cache import GraphCache
 from .qwen3vl_runner import Qwen3VLRunner
 from .qwen3vl_spec import Qwen3VLSpec, UnsupportedModel
@@ -382,6 +382,29 @@ class TransformersQwen3VL:
                 for row, i in enumerate(chunk):
                     results[i] = self._finish({layer: t[row:row + 1] for layer, t in hidden.items()}, input_ids,
                                               prompt_span, prompt, placement, [images[i]])
+        return results
+
+    def text_ids(self, prompt: str, placement: str = "after_image") -> list[int]:
+        """The ids encode([], prompt, ..., placement) runs."""
+        return self.tokenize(prompt, 0, placement, [])[0].tolist()
+
+    def encode_texts(self, prompts: Sequence[str], layers: list[int], placement: str = "after_image",
+                     max_batch_tokens: int = 16384) -> list[VLEmbeds]:
+        """One VLEmbeds per text-only prompt (= encode([], prompt, ...)); prompts of any lengths run right-padded
+        through one forward per batch of at most max_batch_tokens padded tokens (batching.text_rows_forward)."""
+        prompts = list(prompts)
+        runner = self.fast_runner()
+        if runner is None:
+            return [self._encode_hf([], p, layers, placement) for p in prompts]
+        layers = extract.check_resolved_layers(layers, self.num_layers)
+        layouts = [self.tokenize(p, 0, placement, []) for p in prompts]
+        results: list[VLEmbeds | None] = [None] * len(prompts)
+        for batch in length_batches([int(ids.numel()) for ids, _ in layouts], max_batch_tokens):
+            hidden = text_rows_forward(runner, [layouts[i][0].tolist() for i in batch], self.image_pad_id, layers)
+            for row, i in enumerate(batch):
+                ids, span = layouts[i]
+                results[i] = self._finish({layer: t[row:row + 1, :ids.numel()] for layer, t in hidden.items()}, ids,
+                                          span, prompts[i], placement, [])
         return results
 
     def _encode_hf(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
