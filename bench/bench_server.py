@@ -132,10 +132,10 @@ PLAN = (("warmup", True, False, False), ("isolated", True, True, True), ("on col
         ("on warm", True, False, False), ("off cold", False, True, False), ("off warm", False, False, False))
 
 
-def run_config(server: hh.ComfyServer, args, plan) -> dict:
+def run_config(server: hh.ComfyServer, args, plan, runs: dict, save) -> None:
+    """Queue the plan's prompts; each run's summary goes into `runs` (then save() is called) as soon as it is done."""
     side = 128 if args.tiny else 1024
     image = server.stage_ref_image("test_scene.png", size=side)
-    runs = {}
     for i, (label, offload, unload_first, isolate) in enumerate(plan):
         rec_file, probe_file = f"bench_{i}.json", f"probe_{i}.json"
         extra = {"zimage_vl_bench": {"file": rec_file, "unload_first": unload_first, "isolate": isolate}}
@@ -150,7 +150,7 @@ def run_config(server: hh.ComfyServer, args, plan) -> dict:
         print(f"  {label:<9} {wall:6.1f}s  peak alloc {fmt(r['peak_alloc'])}  reserved {fmt(r['peak_reserved'])}  "
               f"device used {fmt(r['peak_used'])}  at step 1: {r['loaded_at_step']}", flush=True)
         runs[label]["header"] = rec["header"]
-    return runs
+        save()
 
 
 def summarize_run(rec: dict, probe: dict, wall: float, offload: bool) -> dict:
@@ -188,8 +188,9 @@ def fmt(b) -> str:
 def summary(name: str, res: dict) -> None:
     if "error" in res:
         print(f"\n==== {name}: FAILED: {res['error']}")
-        return
     runs = res["runs"]
+    if not runs:
+        return
     h = next(iter(runs.values()))["header"]
     print(f"\n==== {name}: main.py {' '.join(res['flags']) or '(no memory flags)'}; {h.get('gpu', 'cpu')}, "
           f"{h['vram_state']}, dynamic VRAM (aimdo) {'on' if h['aimdo_enabled'] else 'off'} "
@@ -206,7 +207,7 @@ def summary(name: str, res: dict) -> None:
         print(f"{stage:<12}" + "".join(f"{c:>30}" for c in cells))
     print(f"{'peak':<12}" + "".join(f"{runs[k]['wall_s'] * 1e3:7.0f} {fmt(runs[k]['peak_alloc'])} {fmt(runs[k]['peak_used'])}"
                                      .rjust(30) for k in labels))
-    for key, ratio in res.get("ratios", {}).items():
+    for key, ratio in ratios(runs).items():
         print(f"  {key}: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratio.items() if v is not None))
     for k in labels:
         print(f"  {k}: loaded at the first denoising step: {runs[k]['loaded_at_step']}")
@@ -226,6 +227,11 @@ def ratios(runs: dict) -> dict:
             k: (r[key] / largest if r.get(key) is not None else None) for k, r in runs.items()
             if k not in ("warmup", "isolated")}
     return out
+
+
+def save(path, results) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1, default=str))
 
 
 def main(argv=None) -> int:
@@ -262,13 +268,14 @@ def main(argv=None) -> int:
                                 launcher=[HERE / "server_boot.py"], extra_custom_nodes={"zimage_vl_bench_nodes": HERE / "server_nodes"},
                                 tiny_hf=False)
         print(f"== {spec}: main.py {' '.join(flags)}", flush=True)
-        res = {"flags": flags[:-2]}
+        res = results["configs"][spec] = {"flags": flags[:-2], "runs": {}}
         t0 = time.perf_counter()
         try:
             server.prepare()
             server.start()
-            print(f"  server up in {time.perf_counter() - t0:.1f}s", flush=True)
-            res["runs"] = run_config(server, args, plan)
+            res["boot_s"] = time.perf_counter() - t0
+            print(f"  server up in {res['boot_s']:.1f}s", flush=True)
+            run_config(server, args, plan, res["runs"], lambda: save(args.out, results))
             res["ratios"] = ratios(res["runs"])
         except Exception as e:  # noqa: BLE001 - keep the other configurations' figures
             res["error"] = f"{type(e).__name__}: {e}"
@@ -279,9 +286,7 @@ def main(argv=None) -> int:
             if args.log:
                 with open(args.log, "a", encoding="utf-8") as f:
                     f.write(f"\n===== {spec}: {' '.join(flags)}\n{server.log_text()}")
-        results["configs"][spec] = res
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+        save(args.out, results)
     for spec, res in results["configs"].items():
         summary(spec, res)
     return 0 if all("error" not in r for r in results["configs"].values()) else 1
