@@ -1,6 +1,8 @@
-"""Start ComfyUI's main.py (in the current directory, the host root) inside this process, after stubbing the two
-packages a bare GPU machine lacks that the server imports without needing them here: PyAV (only ComfyUI's video
-types) and comfy-kitchen when absent (common.stub_missing_av / stub_missing_kitchen). Arguments go to main.py.
+"""Start ComfyUI's main.py (in the current directory, the host root) inside this process, after stubbing PyAV when
+it is missing (common.stub_missing_av; only ComfyUI's video types and LoadImage use it). Arguments go to main.py.
+Nothing here may import torch: main.py chooses the CUDA allocator (cuda_malloc.py) before torch loads, and torch
+refuses a changed allocator backend later; comfy-kitchen (which imports torch, and which Z-Image's DiT needs
+for its fused rms_rope) must be installed, not stubbed.
 
 ZIMAGE_VL_BENCH_HIDE_MODULES=a,b,... makes those top-level modules unimportable first, so a run here can mimic
 the GPU machine (which lacks, e.g., alembic, av, blake3, the frontend packages) before device time is spent.
@@ -38,7 +40,6 @@ def main() -> None:
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
     common.stub_missing_av()
-    common.stub_missing_kitchen()
     root = Path.cwd()
     sys.path[0] = str(root)               # as `python main.py` would have it (not this folder)
     sys.argv = [str(root / "main.py"), *sys.argv[1:]]

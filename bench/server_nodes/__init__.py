@@ -237,7 +237,10 @@ async def _recording_execute(server, dynprompt, caches, current_item, extra_data
     if device is not None:
         torch.cuda.synchronize(device)
         start = _stats(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+        except RuntimeError:                 # an allocator without statistics
+            pass
         start_used = _sampler.reset()
     t0 = time.perf_counter()
     result = await _original_execute(server, dynprompt, caches, current_item, extra_data, executed, prompt_id, *rest)
