@@ -26,6 +26,7 @@ gets --cache-classic (unless --cache default), so the loaders' outputs are never
 
 Run (GPU):   python bench/bench_server.py --comfy .comfy_host --configs full,24,24+legacy --out $OUT/server.json
 Smoke (CPU): python bench/bench_server.py --tiny --cpu
+Tables of a saved run: python bench/bench_server.py --summarize bench/results/server_h200_24.json
 """
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def summary(name: str, res: dict) -> None:
     print(f"\n==== {name}: main.py {' '.join(res['flags']) or '(no memory flags)'}; {h.get('gpu', 'cpu')}, "
           f"{h['vram_state']}, dynamic VRAM (aimdo) {'on' if h['aimdo_enabled'] else 'off'} "
           f"({h['core_model_patcher']}), reserved by ComfyUI {h['extra_reserved_vram'] / GIB:.2f} GiB")
-    labels = [k for k in runs if k != "warmup"]
+    labels = [k for k in runs if k != "warmup"] or list(runs)      # the warm-up alone when nothing else finished
     print(f"{'stage':<12}" + "".join(f"{k:>30}" for k in labels) + "     (ms, peak alloc / device used)")
     for stage in STAGES:
         if not any(stage in runs[k]["stages"] for k in labels):
@@ -249,7 +250,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="folder for the servers' throw-away folders and logs")
     ap.add_argument("--out", default=None, help="JSON with every figure (rewritten after each configuration)")
     ap.add_argument("--log", default=None, help="append every server's log to this file")
+    ap.add_argument("--summarize", default=None, metavar="JSON", help="only print the tables of a saved --out file")
     args = ap.parse_args(argv)
+    if args.summarize:
+        for spec, res in json.loads(Path(args.summarize).read_text(encoding="utf-8"))["configs"].items():
+            summary(spec, res)
+        return 0
 
     root = next((Path(c) for c in (args.comfy, os.environ.get("COMFYUI_PATH"), HERE.parent / ".comfy_host",
                                    Path.home() / "ComfyUI") if c and (Path(c) / "main.py").is_file()), None)
