@@ -50,14 +50,16 @@ STAGES = ("text_encode", "vl_encode", "blend", "sample", "decode")
 # ------------------------------------------------------------------------------------------------ models
 
 def fill_(module, seed: int, device) -> None:
-    """Matrices N(0, 1/sqrt(fan_in)) (embeddings N(0, 0.02)), norm scales 1, other vectors 0; drawn on `device`."""
+    """Matrices N(0, 1/sqrt(fan_in)) (embeddings N(0, 0.02)), norm scales 1, other vectors 0; drawn on `device`
+    (and copied into parameters that live elsewhere, e.g. a text encoder built in host memory)."""
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            if p.device.type == "meta":
+        for name, param in sorted(module.named_parameters()):
+            if param.device.type == "meta":
                 raise RuntimeError(f"{name} is on the meta device")
+            p = param if param.device == torch.device(device) else torch.empty_like(param, device=device)
             if "pad_token" in name:
                 p.normal_(0.0, 1.0, generator=gen)
             elif p.ndim >= 2:
@@ -67,9 +69,15 @@ def fill_(module, seed: int, device) -> None:
                 p.fill_(1.0)
             else:
                 p.zero_()
+            if p is not param:
+                param.copy_(p)
 
 
-def build_dit(tiny: bool, device, dtype):
+# host_loader=True (bench_server.py's loader nodes): leave each model as ComfyUI's own loaders do, weights in
+# host memory and the patcher class the server chose (comfy.model_patcher.CoreModelPatcher: the dynamic-VRAM
+# patcher when comfy-aimdo is active). False (this script): the legacy ModelPatcher, weights on `device`.
+
+def build_dit(tiny: bool, device, dtype, host_loader: bool = False):
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -81,31 +89,36 @@ def build_dit(tiny: bool, device, dtype):
     params = sum(p.numel() for p in model.diffusion_model.parameters())
     import comfy.model_management as mm
 
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device()), params
+    offload = mm.unet_offload_device()
+    if host_loader:
+        model.to(offload)
+        return comfy.model_patcher.CoreModelPatcher(model, load_device=device, offload_device=offload), params
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload), params
 
 
-def build_clip(target, device, dtype, seed: int, model_options: dict | None = None):
+def build_clip(target, device, dtype, seed: int, model_options: dict | None = None, host_loader: bool = False):
     import torch
     import comfy.sd
 
-    opts = {"dtype": dtype, "load_device": device, "offload_device": torch.device("cpu"), "initial_device": device}
+    cpu = torch.device("cpu")
+    opts = {"dtype": dtype, "load_device": device, "offload_device": cpu, "initial_device": cpu if host_loader else device}
     opts.update(model_options or {})
-    clip = comfy.sd.CLIP(target, state_dict=[], model_options=opts, disable_dynamic=True)
+    clip = comfy.sd.CLIP(target, state_dict=[], model_options=opts, disable_dynamic=not host_loader)
     fill_(clip.cond_stage_model, seed, device)
     return clip
 
 
-def build_text_encoder(tiny: bool, device, dtype):
+def build_text_encoder(tiny: bool, device, dtype, host_loader: bool = False):
     import comfy.supported_models_base
     import comfy.text_encoders.z_image as z_image
 
     target = comfy.supported_models_base.ClipTarget(z_image.ZImageTokenizer, z_image.te(dtype_llama=dtype))
     opts = {"qwen3_4b_model_config": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
                                       "num_attention_heads": 2, "num_key_value_heads": 1}} if tiny else {}
-    return build_clip(target, device, dtype, 1, opts)
+    return build_clip(target, device, dtype, 1, opts, host_loader)
 
 
-def build_vl(tiny: bool, device, dtype):
+def build_vl(tiny: bool, device, dtype, host_loader: bool = False):
 
     if tiny:
         sys.path.insert(0, str(common.REPO_ROOT))
@@ -115,7 +128,7 @@ def build_vl(tiny: bool, device, dtype):
     else:
         model_type = "qwen3vl_4b"
     width = 256 if tiny else 2560
-    return build_clip(common.native_qwen3vl_target(model_type, width, dtype), device, dtype, 2)
+    return build_clip(common.native_qwen3vl_target(model_type, width, dtype), device, dtype, 2, host_loader=host_loader)
 
 
 def build_vae(device):

@@ -156,9 +156,15 @@ def _format_validation_error(body: dict) -> str:
 class ComfyServer:
     Error = ComfyError  # tests catch ``server.Error`` (the class this module's copy raises)
 
-    def __init__(self, comfy_root: Path, work: Path):
+    def __init__(self, comfy_root: Path, work: Path, *, cpu: bool = True, extra_args=(), launcher=(),
+                 extra_custom_nodes: dict | None = None, tiny_hf: bool = True):
+        """``cpu=False``, ``extra_args`` (more main.py flags), ``launcher`` (a script run instead of main.py
+        that starts it, given main.py's arguments), ``extra_custom_nodes`` ({link name: folder}) and
+        ``tiny_hf=False`` are for bench/bench_server.py; the tests use the defaults."""
         self.comfy_root = comfy_root
         self.work = work
+        self.cpu, self.extra_args, self.launcher = cpu, list(extra_args), [str(a) for a in launcher]
+        self.extra_custom_nodes, self.tiny_hf = dict(extra_custom_nodes or {}), tiny_hf
         self.base = work / "base"
         self.input_dir = self.base / "input"
         self.output_dir = self.base / "output"
@@ -181,7 +187,12 @@ class ComfyServer:
             d.mkdir(parents=True, exist_ok=True)
         os.symlink(REPO_ROOT, self.custom_nodes_dir / PACK_LINK_NAME, target_is_directory=True)
         os.symlink(TINY_NODES_DIR, self.custom_nodes_dir / TINY_LINK_NAME, target_is_directory=True)
-        self._make_tiny_hf_folder()
+        for name, folder in self.extra_custom_nodes.items():
+            os.symlink(Path(folder).resolve(), self.custom_nodes_dir / name, target_is_directory=True)
+        if self.tiny_hf:
+            self._make_tiny_hf_folder()
+        else:
+            self.tiny_hf_error = "not made (tiny_hf=False)"
 
     def _make_tiny_hf_folder(self):
         """A tiny transformers Qwen3-VL folder under models/text_encoders, made before boot.
@@ -213,14 +224,15 @@ class ComfyServer:
     # -- process ------------------------------------------------------------
     def start(self):
         self.port = _free_port()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, *(self.launcher or ["main.py"]), *(["--cpu"] if self.cpu else []),
+               "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base),
                "--input-directory", str(self.input_dir),
                "--output-directory", str(self.output_dir),
                "--temp-directory", str(self.temp_dir),
                "--user-directory", str(self.user_dir),
                "--database-url", f"sqlite:///{self.work / 'comfyui.db'}",
-               "--disable-auto-launch"]
+               "--disable-auto-launch", *self.extra_args]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -290,9 +302,11 @@ class ComfyServer:
             self._object_info = self.get_json("/object_info", timeout=60)
         return self._object_info
 
-    def post_prompt(self, prompt: dict) -> dict:
+    def post_prompt(self, prompt: dict, extra_data: dict | None = None) -> dict:
         """POST /prompt; raises ComfyError with the server's text when validation fails."""
         payload = {"prompt": prompt, "client_id": "zimage-vl-host-tests"}
+        if extra_data:
+            payload["extra_data"] = extra_data
         try:
             _, raw = self._request("/prompt", payload, timeout=60)
             body = json.loads(raw)
@@ -336,9 +350,9 @@ class ComfyServer:
                 return ComfyError(f"execution interrupted: {data}")
         return ComfyError(f"prompt failed: {json.dumps(entry.get('status'))[:2000]}")
 
-    def submit(self, prompt: dict, timeout: float = PROMPT_TIMEOUT_S) -> dict:
+    def submit(self, prompt: dict, timeout: float = PROMPT_TIMEOUT_S, extra_data: dict | None = None) -> dict:
         """Queue an API-format prompt and return its /history entry (raises ComfyError)."""
-        body = self.post_prompt(prompt)
+        body = self.post_prompt(prompt, extra_data)
         return self.wait_history(body["prompt_id"], timeout=timeout)
 
     # -- files ----------------------------------------------------------------
