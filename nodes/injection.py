@@ -220,27 +220,27 @@ class DiTInjection(io.ComfyNode):
                                tooltip="extra_attention: RoPE of the VL keys. none = position-free set (rotation by "
                                        "position 0, one slot before the caption); caption = positions 1..n like a "
                                        "caption."),
-                io.Float.Input("negative_weight", default=1.0, min=0.0, max=4.0, step=0.05, advanced=True,
+                io.Float.Input("negative_weight", default=1.0, min=0.0, max=4.0, step=0.05, advanced=True, optional=True,
                                tooltip="With negative_vl_embeds: out += w·(attn(reference) − negative_weight·"
                                        "attn(negative)). 1 with a negative equal to the reference cancels it."),
-                io.Combo.Input("kv_scale", options=list(KV_SCALES), default="v", advanced=True,
+                io.Combo.Input("kv_scale", options=list(KV_SCALES), default="v", advanced=True, optional=True,
                                tooltip="extra / reference attention (share=add): v = scale the added attention "
                                        "(its values); k_and_v = also scale its keys, which sharpens (w > 1) or "
                                        "flattens (w < 1) where the image looks in the reference."),
-                io.Combo.Input("share", options=list(SHARES), default="add",
+                io.Combo.Input("share", options=list(SHARES), default="add", optional=True,
                                tooltip="extra / reference attention: add = a separate softmax added with weight "
                                        "(IP-Adapter); joint = one softmax over the block's own keys and the "
                                        "reference's, the reference biased by log(strength) (StyleAligned shared "
                                        "attention; costs one more own-size attention per block)."),
-                io.Combo.Input("reference_noise", options=list(REFERENCE_NOISE), default="matched",
+                io.Combo.Input("reference_noise", options=list(REFERENCE_NOISE), default="matched", optional=True,
                                tooltip="reference_attention: matched = the reference noised to each step's sigma "
                                        "(fixed seed) and run alongside, only as deep as the deepest chosen block; "
                                        "clean = the clean reference, its keys/values computed once per run "
                                        "(cheaper; holds them in VRAM for the run)."),
-                io.Boolean.Input("reference_adain", default=False, advanced=True,
+                io.Boolean.Input("reference_adain", default=False, advanced=True, optional=True,
                                  tooltip="reference_attention: AdaIN of the image queries (and, with share=joint, "
                                          "keys) toward the reference's statistics per channel (StyleAligned)."),
-                io.Int.Input("reference_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, advanced=True,
+                io.Int.Input("reference_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, advanced=True, optional=True,
                              control_after_generate=False,
                              tooltip="reference_noise=matched: the seed of the reference's fixed noise."),
                 VLEmbedsType.Input("negative_vl_embeds", optional=True,
@@ -260,7 +260,7 @@ class DiTInjection(io.ComfyNode):
                 VLDirectionType.Input("direction", optional=True,
                                       tooltip="steer_caption / steer_image: a VL_DIRECTION (VL Steering Direction / "
                                               "Load VL Direction / Combine Directions)."),
-            ],
+            ],  # every input after vl_rope is optional: API prompts saved before they existed keep validating
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],  # this application's key: chained injections each keep their own
         )
