@@ -5,7 +5,7 @@ pack and tools/tiny_nodes in custom_nodes) plus the bench-only node package benc
 build full-size random-init models of the real architectures with bench_workflow.py's builders (Z-Image Turbo
 DiT 6.15B, Qwen3-4B text encoder, native Qwen3-VL-4B, Flux VAE; bf16) and a recorder around ComfyUI's
 per-node executor (see bench/server_nodes/__init__.py for what it measures). The prompt is
-workflows/api/zimage_vl_style_reference.json as shipped (1024², 8 steps res_multistep, CFG 1, shift 3, VL Encode
+workflows/api/VL Style Reference.json as shipped (1024², 8 steps res_multistep, CFG 1, shift 3, VL Encode
 layer -6, VL Inspect and its preview included) with its loaders swapped for the bench ones, the way the host
 tests swap in tiny models, and a TinyMemoryProbe in front of the KSampler (which models are loaded at the first
 denoising step).
@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from tools import host_harness as hh  # noqa: E402
 
-STYLE = "zimage_vl_style_reference"
+STYLE = "VL Style Reference"
 STAGE_OF = {"CLIPTextEncode": "text_encode", "ZImageVL_Encode": "vl_encode", "ZImageVL_EmbeddingBlend": "blend",
             "KSampler": "sample", "VAEDecode": "decode", "ZImageVL_Inspect": "inspect", "SaveImage": "save",
             "PreviewImage": "save"}

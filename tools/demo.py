@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tools import host_harness as harness
 
-WORKFLOW = "zimage_vl_style_reference"
+WORKFLOW = "VL Style Reference"
 DEFAULT_IMAGE = "test_scene.png"
 
 

@@ -1,7 +1,8 @@
 """Regenerate the pack's editor assets in the REAL editor (ComfyUI server + its frontend in headless Chromium):
 
 * ``workflows/<name>.jpg``   template thumbnails: a screenshot of each UI workflow's graph (the template
-                             browser shows ``/api/workflow_templates/<pack>/<name>.jpg``);
+                             browser shows ``/api/workflow_templates/<pack>/<name>.jpg``; ``<name>`` is also the
+                             title the browser shows, see ``template_title_problems``);
 * ``subgraphs/*.json``       the subgraph blueprints, built by the frontend itself (nodes linked, converted to a
                              subgraph, serialized the way "Save to library" does);
 * ``web/docs/images/inspect_plot.png``  the picture on VL Inspect's help page (tiny random models: layout only).
@@ -56,6 +57,37 @@ BLUEPRINTS = {
         "outputs": [(1, 0, "KSampler", "model")],
     },
 }
+
+# Frontend 1.47 (useWorkflowTemplatesStore.enhancedTemplates + useTemplateWorkflows) builds a custom-node template's
+# card from its file name alone: title = name, description = name with "-" and "_" turned into spaces, thumbnail =
+# apiURL(`/workflow_templates/<pack>/${name}`) + ".jpg" (the name is not URL-encoded); a name ending in ".app" opens
+# in App mode. It reads no index.json, workflow `extra`, or locale key for them. So the file name is the title.
+TEMPLATE_PREFIX = "VL "
+TEMPLATE_TITLE_MAX = 32  # the card's title is one line (line-clamp-1) on a 15rem card
+TEMPLATE_NAME_BAD_CHARS = {"_": "shows as a raw snake_case title", "-": "the description shows it as a space",
+                           ".": "a dot suffix such as .app changes how the template opens",
+                           "#": "breaks the unencoded thumbnail/workflow URL", "?": "breaks the unencoded URL",
+                           "%": "breaks the unencoded URL", "/": "not a file name", "\\": "not a file name"}
+
+
+def template_title_problems(name: str) -> list[str]:
+    """Why the template file ``name`` would not show as a readable title in the template browser ([] = fine).
+    Scheme: "VL " + Title Case words separated by single spaces, letters and digits only, at most 32 characters."""
+    problems = [f"{c!r}: {why}" for c, why in TEMPLATE_NAME_BAD_CHARS.items() if c in name]
+    if not name.startswith(TEMPLATE_PREFIX):
+        problems.append(f"does not start with {TEMPLATE_PREFIX!r} (marks the pack's templates among the core ones)")
+    if len(name) > TEMPLATE_TITLE_MAX:
+        problems.append(f"{len(name)} characters, the card shows one line of about {TEMPLATE_TITLE_MAX}")
+    words = name.split(" ")
+    if any(not w for w in words):
+        problems.append("leading, trailing or double spaces")
+    lower = [w for w in words if w and not (w[0].isupper() or w[0].isdigit())]
+    if lower:
+        problems.append(f"words not in Title Case: {lower}")
+    if not all(w.isalnum() for w in words if w):
+        problems.append("only letters, digits and single spaces")
+    return problems
+
 
 BUILD_BLUEPRINT_JS = """(spec) => {
   app.graph.clear();
@@ -153,7 +185,7 @@ def stage_model_names(server: harness.ComfyServer) -> None:
 
 def write_inspect_picture(server: harness.ComfyServer) -> Path:
     """VL Inspect's plot from the shipped style workflow on tiny random models (shows the layout only)."""
-    prompt = harness.swap_loaders_for_tiny(harness.load_api_workflow("zimage_vl_style_reference"))
+    prompt = harness.swap_loaders_for_tiny(harness.load_api_workflow("VL Style Reference"))
     harness.set_image(prompt, server.stage_ref_image("test_scene.png", size=128))
     harness.set_inputs(prompt, "EmptySD3LatentImage", width=64, height=64)
     harness.set_inputs(prompt, "KSampler", steps=1)
@@ -171,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="regenerate only these (default: all)")
     args = ap.parse_args(argv)
     only = set(args.only or ["thumbnails", "blueprints", "docs"])
+    for name in harness.ui_workflow_names():
+        for problem in template_title_problems(name):
+            print(f"editor_assets: workflows/{name}.json: the template browser title: {problem}")
     reason = harness.HOST_SKIP_REASON or skip_reason()
     if reason:
         print(f"editor_assets: cannot run: {reason}")

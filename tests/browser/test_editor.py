@@ -1,23 +1,25 @@
 """The pack in the real editor (ComfyUI frontend 1.47 in headless Chromium, see conftest.py): the per-block
 weight editor of DiT Layer Injection, saving / reloading / queueing what it wrote, the block-count setting,
-a help page, a subgraph blueprint dropped from the node search, a template run on tiny models with its report
-box inside its node. Assertions read the DOM, the graph and the saved JSON; screenshots are only kept."""
+a help page, a subgraph blueprint dropped from the node search, the template browser's titles and thumbnails,
+a template run on tiny models with its report box inside its node. Assertions read the DOM, the graph and the saved JSON; screenshots are only kept."""
 from __future__ import annotations
 
 import json
 import time
+from urllib.parse import quote
 
 import pytest
 
-from tools.host_harness import PACK_LINK_NAME, load_ui_workflow
+from tools.editor_assets import template_title_problems
+from tools.host_harness import PACK_LINK_NAME, load_ui_workflow, ui_workflow_names
 from tests.block_weights_format import format_block_weights
 from vl_core.schedule import parse_block_weights, preset_blocks
 
 from .conftest import ARTIFACTS
 from .tiny_ui import swap_ui_loaders_for_tiny
 
-INJECTION = "zimage_vl_dit_injection"
-STYLE = "zimage_vl_style_reference"
+INJECTION = "VL DiT Layer Injection"
+STYLE = "VL Style Reference"
 DIT = "ZImageVL_DiTInjection"
 N = 30  # the editor's default block count (setting ZImageVL.BlockEditor.Blocks)
 BLOCKS_SETTING = "ZImageVL.BlockEditor.Blocks"
@@ -198,23 +200,37 @@ def test_blueprint_from_the_node_search_becomes_one_subgraph_node(page):
     assert {"CLIP", "CONDITIONING"} <= set(node["inputs"]) and node["outputs"] == ["CONDITIONING"]
 
 
-def test_template_browser_shows_the_packs_thumbnails(page):
+CARDS_JS = """() => [...document.querySelectorAll("[role=dialog] [data-testid^='template-workflow-']")].map((c) => {
+  const img = c.querySelector('img');
+  return { id: c.dataset.testid, title: c.querySelector('h3')?.textContent.trim(),
+           description: c.querySelector('p')?.textContent.trim(),
+           image: img && img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : null };
+})"""
+
+
+def test_template_browser_shows_the_packs_templates_with_titles_and_thumbnails(page):
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
-    search = "[role=dialog] input[placeholder^=Search]"
-    page.wait_for(f"() => !!document.querySelector('{search}')", timeout_s=30)
-    page.click(search)
-    page.type_text("zimage_vl")
-    # the card shows our 512² JPEG (the frontend fetches it and displays a blob: URL), not the placeholder
-    for name in (STYLE, INJECTION):
-        size = page.wait_for(f"""() => {{ const img = document.querySelector("[data-testid='template-workflow-{name}'] img");
-            return img && img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : null; }}""",
-                             timeout_s=30)
-        assert size == [512, 512], (name, size)
+    page.wait_for("() => !!document.querySelector('[role=dialog] input[placeholder^=Search]')", timeout_s=30)
+    # the pack's own category under Extensions (labelled with the pack's folder name)
+    page.wait_for("""(m) => { const b = [...document.querySelectorAll('[role=dialog] nav [role=button]')]
+        .find((e) => e.textContent.trim() === m); if (b) b.click(); return !!b; }""", PACK_LINK_NAME, timeout_s=30)
+    names = ui_workflow_names()
+    cards = page.wait_for(f"""() => {{ const c = ({CARDS_JS})();
+        return c.length === {len(names)} && c.every((x) => x.image) ? c : null; }}""", timeout_s=30)
+    page.screenshot(ARTIFACTS / "template_browser.png")
     page.press("Escape")
+    assert sorted(c["id"] for c in cards) == [f"template-workflow-{n}" for n in names]
+    # frontend 1.47 shows the file name as the title: readable, not snake_case
+    assert sorted(c["title"] for c in cards) == names
+    assert not [c["title"] for c in cards if template_title_problems(c["title"])]
+    # ... and as the description ("-"/"_" made spaces): nothing else reaches it (README, "Templates")
+    assert all(c["description"] == c["title"] for c in cards), cards
+    # the card shows our 512² JPEG (the frontend fetches it and displays a blob: URL), not the placeholder
+    assert all(c["image"] == [512, 512] for c in cards), cards
 
 
 def test_style_template_runs_on_tiny_models_and_its_report_fits_its_node(page, browser_server):
-    template = browser_server.get_json(f"/api/workflow_templates/{PACK_LINK_NAME}/{STYLE}.json")
+    template = browser_server.get_json(f"/api/workflow_templates/{PACK_LINK_NAME}/{quote(STYLE)}.json")
     image = browser_server.stage_ref_image("test_scene.png", size=64)
     load(page, swap_ui_loaders_for_tiny(template, image=image))
     page.evaluate("""() => { const n = app.graph.nodes.find((n) => n.type === 'ZImageVL_Inspect');

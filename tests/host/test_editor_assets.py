@@ -1,13 +1,16 @@
 """What the editor shows of the pack, checked against the REAL host: subgraph blueprints served by the host's
 blueprint endpoint (/global_subgraphs) with inner node types that exist, template thumbnails reachable next to
-the templates, every model's download source in the UI workflows, group titles clear of nodes."""
+the templates, readable template titles (frontend 1.47 shows a custom template's file name as its title and
+description), every model's download source in the UI workflows, group titles clear of nodes."""
 from __future__ import annotations
 
 import io
 import json
+from urllib.parse import quote
 
 import pytest
 
+from tools.editor_assets import template_title_problems
 from tools.host_harness import PACK_LINK_NAME, REPO_ROOT, load_ui_workflow, ui_workflow_names
 
 BLUEPRINTS = {  # name -> the node types it must contain (issue 13.4)
@@ -53,12 +56,31 @@ def test_every_template_has_a_thumbnail_served_next_to_it(comfy_server):
     listed = set(comfy_server.get_json("/workflow_templates")[PACK_LINK_NAME])
     assert set(ui_workflow_names()) <= listed
     for name in ui_workflow_names():
-        # frontend 1.47: custom-node thumbnails are /api/workflow_templates/<pack>/<name>.jpg
-        body = comfy_server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg")
+        # frontend 1.47: custom-node thumbnails are /api/workflow_templates/<pack>/<name>.jpg, the name put into the
+        # URL as it is (the browser percent-encodes its spaces)
+        body = comfy_server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{quote(name)}.jpg")
         with Image.open(io.BytesIO(body)) as im:
             assert im.format == "JPEG" and im.size[0] == im.size[1] >= 256, (name, im.format, im.size)
             low, high = im.convert("L").getextrema()
             assert high - low > 64, f"{name}.jpg is a blank picture"
+
+
+def test_the_title_rule_refuses_file_names_that_show_raw():
+    assert template_title_problems("VL Style Reference") == []
+    for raw in ("zimage_vl_style_reference", "VL style reference", "VL Z-Image Reference", "VL Reference.app",
+                "Style Reference", "VL  Style Reference", "VL Reference #2", "VL " + "Long " * 8):
+        assert template_title_problems(raw), raw
+
+
+def test_the_host_lists_every_template_under_a_readable_title(comfy_server):
+    """The names /workflow_templates lists are what the template browser shows as title and description."""
+    listed = comfy_server.get_json("/workflow_templates")[PACK_LINK_NAME]
+    assert sorted(listed) == ui_workflow_names()  # the api/ twins are not listed, no stray file is
+    problems = {name: template_title_problems(name) for name in listed}
+    assert not any(problems.values()), {k: v for k, v in problems.items() if v}
+    for name in listed:  # the card loads the workflow from the same unencoded name
+        body = comfy_server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{quote(name)}.json")
+        assert json.loads(body)["nodes"], name
 
 
 @pytest.mark.parametrize("name", ui_workflow_names())

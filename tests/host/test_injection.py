@@ -14,7 +14,7 @@ from tools.host_harness import (
     swap_loaders_for_tiny,
 )
 
-WORKFLOW = "zimage_vl_dit_injection"
+WORKFLOW = "VL DiT Layer Injection"
 SEED = 1234
 
 

@@ -14,7 +14,7 @@ ENCODE, BLEND = "ZImageVL_Encode", "ZImageVL_EmbeddingBlend"
 
 def _run(server, layers: str, select: str | None = None):
     """The tiny style-reference graph with VL Encode at `layers`, optionally through VL Select Layers."""
-    p = tiny(server, "zimage_vl_style_reference")
+    p = tiny(server, "VL Style Reference")
     encode = node_of(p, ENCODE)
     p[encode]["inputs"]["layers"] = layers
     if select is not None:
@@ -40,11 +40,11 @@ def test_select_layers_and_weighted_encodes_through_the_whole_graph(comfy_server
 
 
 def test_bad_layer_specs_are_refused_with_the_node_message(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_style_reference")
+    p = tiny(comfy_server, "VL Style Reference")
     p[node_of(p, ENCODE)]["inputs"]["layers"] = "-3:0.5, -4"
     expect_error(comfy_server, p, "give a weight to every layer or to none")
 
-    p = tiny(comfy_server, "zimage_vl_style_reference")
+    p = tiny(comfy_server, "VL Style Reference")
     encode = node_of(p, ENCODE)
     p[encode]["inputs"]["layers"] = "-3,-4"
     sel = add_node(p, "ZImageVL_SelectLayers", {"vl_embeds": [encode, 0], "layers": "-5:1, -3:1"})

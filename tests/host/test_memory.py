@@ -15,7 +15,7 @@ import pytest
 
 from tools.host_harness import add_node, load_api_workflow, node_of, set_image, set_inputs, swap_loaders_for_tiny
 
-STYLE = "zimage_vl_style_reference"
+STYLE = "VL Style Reference"
 
 
 def probe_prompt(server, *, offload: bool | None, vl_backend: str, filename: str) -> dict:

@@ -62,7 +62,7 @@ def expect_error(server, prompt: dict, *needles: str):
 def test_steering_workflow_runs_and_strength_zero_is_exact(comfy_server):
     import numpy as np
 
-    p = tiny(comfy_server, "zimage_vl_steering")
+    p = tiny(comfy_server, "VL Steering")
     out = save_latent(p)
     report = preview_text(p, node_of(p, "ZImageVL_SteeringDirection"), 1)
     steered = latent(comfy_server, entry := comfy_server.submit(p), out)
@@ -78,7 +78,7 @@ def test_steering_workflow_runs_and_strength_zero_is_exact(comfy_server):
 
 
 def test_steering_direction_from_a_batch_with_pca_and_combine(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_steering")
+    p = tiny(comfy_server, "VL Steering")
     d = node_of(p, "ZImageVL_SteeringDirection")
     for k, name in enumerate(("positive", "negative")):   # 2 pairs: each set is a batch of two pictures
         other = comfy_server.stage_ref_image(IMAGES[k + 2], size=64)
@@ -99,13 +99,13 @@ def test_steering_direction_from_a_batch_with_pca_and_combine(comfy_server):
 
 
 def test_steering_errors_are_clear(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_steering")
+    p = tiny(comfy_server, "VL Steering")
     d = node_of(p, "ZImageVL_SteeringDirection")
     doubled = add_node(p, "RepeatImageBatch", {"image": p[d]["inputs"]["positive"], "amount": 2})
     p[d]["inputs"]["positive"] = [doubled, 0]
     expect_error(comfy_server, p, "positive has 2 images but negative has 1")
 
-    wide = tiny(comfy_server, "zimage_vl_steering", vl_width=384)   # a direction for another width
+    wide = tiny(comfy_server, "VL Steering", vl_width=384)   # a direction for another width
     expect_error(comfy_server, wide, "direction #1 width 384 does not match conditioning width 256")
 
 
@@ -114,7 +114,7 @@ def test_steering_errors_are_clear(comfy_server):
 def test_multi_reference_workflow_runs_and_negative_weight_zero_is_exact(comfy_server):
     import numpy as np
 
-    p = tiny(comfy_server, "zimage_vl_multi_reference")
+    p = tiny(comfy_server, "VL Multi Reference")
     out = save_latent(p)
     pushed = latent(comfy_server, comfy_server.submit(p), out)
     set_inputs(p, "ZImageVL_CombineReferences", negative_weight=0.0)
@@ -131,7 +131,7 @@ def test_multi_reference_workflow_runs_and_negative_weight_zero_is_exact(comfy_s
 def test_combined_references_feed_the_injection_and_adain(comfy_server):
     import numpy as np
 
-    p = tiny(comfy_server, "zimage_vl_multi_reference")
+    p = tiny(comfy_server, "VL Multi Reference")
     c = node_of(p, "ZImageVL_CombineReferences")
     set_inputs(p, "ZImageVL_CombineReferences", mode="concat")
     sampler = node_of(p, "KSampler")
@@ -147,10 +147,10 @@ def test_combined_references_feed_the_injection_and_adain(comfy_server):
 
 
 def test_reference_errors_are_clear(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_multi_reference")
+    p = tiny(comfy_server, "VL Multi Reference")
     set_inputs(p, "ZImageVL_CombineReferences", weights="1, 2, 3")
     expect_error(comfy_server, p, "weights has 3 values for 2 connected input(s)")
-    p = tiny(comfy_server, "zimage_vl_multi_reference")
+    p = tiny(comfy_server, "VL Multi Reference")
     encodes = sorted(nodes_of(p, "ZImageVL_Encode"), key=int)
     p[encodes[1]]["inputs"]["layers"] = "-4"
     expect_error(comfy_server, p, "reference #2 holds layers")
@@ -161,7 +161,7 @@ def test_reference_errors_are_clear(comfy_server):
 def test_gram_workflow_runs_with_a_loss_curve_and_is_deterministic(comfy_server):
     import numpy as np
 
-    p = tiny(comfy_server, "zimage_vl_gram_match")
+    p = tiny(comfy_server, "VL Gram Match")
     set_inputs(p, "ZImageVL_GramMatch", steps=30, init_noise=0.01, seed=3)
     out = save_latent(p)
     report = preview_text(p, node_of(p, "ZImageVL_GramMatch"), 2)
@@ -184,7 +184,7 @@ def test_gram_workflow_runs_with_a_loss_curve_and_is_deterministic(comfy_server)
 
 @pytest.mark.parametrize("vl_backend", ["native", "transformers"])
 def test_calibration_workflow_runs_and_reports_held_out_errors(comfy_server, vl_backend):
-    p = tiny(comfy_server, "zimage_vl_calibration", vl_backend=vl_backend)
+    p = tiny(comfy_server, "VL Calibration", vl_backend=vl_backend)
     fit = node_of(p, "ZImageVL_FitCalibration")
     set_inputs(p, "ZImageVL_FitCalibration", use_shipped_prompts=False, max_prompts=0)
     p[fit]["inputs"]["prompts"] = "\n".join(["a red cat", "a blue dog", "a \\(bracketed\\) word",
@@ -207,10 +207,10 @@ def test_calibration_workflow_runs_and_reports_held_out_errors(comfy_server, vl_
 
 
 def test_calibration_errors_are_clear(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_calibration")
+    p = tiny(comfy_server, "VL Calibration")
     encode = node_of(p, "ZImageVL_Encode")
     p[encode]["inputs"]["layers"] = "-4"        # the map is fitted at -3
     expect_error(comfy_server, p, "fitted at VL layer(s)", "encode with the calibration's layers")
 
-    wide = tiny(comfy_server, "zimage_vl_calibration", vl_width=384)
+    wide = tiny(comfy_server, "VL Calibration", vl_width=384)
     expect_error(comfy_server, wide, "Qwen3-VL width 384 does not match Z-Image's text encoder (text_clip) width 256")

@@ -26,7 +26,7 @@ def _saved(server, entry: dict, save: str, folder: str) -> str:
 
 
 def test_a_direction_saved_and_loaded_in_one_prompt_steers_exactly_like_the_original(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_steering")
+    p = tiny(comfy_server, "VL Steering")
     out = save_latent(p)
     direct = latent(comfy_server, comfy_server.submit(p), out)
     save, load = _through_a_file(p, node_of(p, "ZImageVL_SteeringDirection"), "Direction", "direction",
@@ -38,7 +38,7 @@ def test_a_direction_saved_and_loaded_in_one_prompt_steers_exactly_like_the_orig
 
 
 def test_a_calibration_saved_and_loaded_in_one_prompt_maps_exactly_like_the_original(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_calibration")
+    p = tiny(comfy_server, "VL Calibration")
     out = save_latent(p)
     direct = latent(comfy_server, comfy_server.submit(p), out)
     save, load = _through_a_file(p, node_of(p, "ZImageVL_FitCalibration"), "Calibration", "calibration",
@@ -49,7 +49,7 @@ def test_a_calibration_saved_and_loaded_in_one_prompt_maps_exactly_like_the_orig
     assert np.array_equal(latent(comfy_server, entry, out), direct)
 
     # the saved map (fitted at VL layer -3), loaded by name, applied to an encode at -4: refused
-    p = tiny(comfy_server, "zimage_vl_calibration")
+    p = tiny(comfy_server, "VL Calibration")
     fit = node_of(p, "ZImageVL_FitCalibration")
     load = add_node(p, "ZImageVL_LoadCalibration", {"name": name})
     p[node_of(p, "ZImageVL_ApplyCalibration")]["inputs"]["calibration"] = [load, 0]
@@ -59,7 +59,7 @@ def test_a_calibration_saved_and_loaded_in_one_prompt_maps_exactly_like_the_orig
 
 
 def test_loading_an_embeddings_file_as_a_direction_is_refused_with_what_to_do(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_steering")
+    p = tiny(comfy_server, "VL Steering")
     encode = add_node(p, "ZImageVL_Encode", {
         "image": p[node_of(p, "ZImageVL_SteeringDirection")]["inputs"]["positive"],
         "clip": p[node_of(p, "ZImageVL_SteeringDirection")]["inputs"]["clip"], "prompt": "a picture",

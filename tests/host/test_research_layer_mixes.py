@@ -14,7 +14,7 @@ MIX = "-3:0.7, -4:0.3"
 
 
 def test_a_weighted_steering_direction_is_a_direction_of_the_mix(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_steering")
+    p = tiny(comfy_server, "VL Steering")
     d = node_of(p, "ZImageVL_SteeringDirection")
     set_inputs(p, "ZImageVL_SteeringDirection", layers=MIX)
     out = save_latent(p)
@@ -28,7 +28,7 @@ def test_a_weighted_steering_direction_is_a_direction_of_the_mix(comfy_server):
 
 
 def test_a_weighted_calibration_applies_to_the_same_mix_only(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_calibration")
+    p = tiny(comfy_server, "VL Calibration")
     set_inputs(p, "ZImageVL_FitCalibration", layers=MIX)
     set_inputs(p, "ZImageVL_Encode", layers="-4:3, -3:7")          # the same mix, written otherwise
     report = preview_text(p, node_of(p, "ZImageVL_FitCalibration"), 1)
@@ -43,8 +43,8 @@ def test_a_weighted_calibration_applies_to_the_same_mix_only(comfy_server):
 
 
 def test_bad_layer_specs_are_refused_like_vl_encode(comfy_server):
-    for name, class_type in (("zimage_vl_steering", "ZImageVL_SteeringDirection"),
-                             ("zimage_vl_calibration", "ZImageVL_FitCalibration")):
+    for name, class_type in (("VL Steering", "ZImageVL_SteeringDirection"),
+                             ("VL Calibration", "ZImageVL_FitCalibration")):
         p = tiny(comfy_server, name)
         set_inputs(p, class_type, layers="-3:0.5, -4")
         expect_error(comfy_server, p, "give a weight to every layer or to none")
@@ -54,7 +54,7 @@ def test_bad_layer_specs_are_refused_like_vl_encode(comfy_server):
 
 
 def test_combine_references_refuses_references_mixed_otherwise(comfy_server):
-    p = tiny(comfy_server, "zimage_vl_multi_reference")
+    p = tiny(comfy_server, "VL Multi Reference")
     encodes = sorted(nodes_of(p, "ZImageVL_Encode"), key=int)
     for nid in encodes:
         p[nid]["inputs"]["layers"] = MIX

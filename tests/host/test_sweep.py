@@ -52,7 +52,7 @@ def _restart_on_same_port(server: ComfyServer, monkeypatch) -> None:
 
 
 def _workflow(server_a: ComfyServer, server_b: ComfyServer) -> dict:
-    p = swap_loaders_for_tiny(load_api_workflow("zimage_vl_style_reference"), seed=0)
+    p = swap_loaders_for_tiny(load_api_workflow("VL Style Reference"), seed=0)
     image = server_a.stage_ref_image("test_scene.png", size=64)
     assert server_b.stage_ref_image("test_scene.png", size=64) == image  # LoadImage's combo must hold on both
     set_image(p, image)

@@ -8,6 +8,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -26,8 +27,8 @@ from tools.host_harness import (
     TINY_HF_FOLDER,
 )
 
-STYLE = "zimage_vl_style_reference"
-IMG2IMG = "zimage_vl_reference_img2img"
+STYLE = "VL Style Reference"
+IMG2IMG = "VL Reference Img2Img"
 SEED = 1234
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 # combos whose choices are the host's files: the shipped names need not exist on the test host
@@ -459,7 +460,7 @@ def test_workflows_are_served_as_pack_templates(comfy_server):
     listed = set(templates.get("comfyui-zimage-vl", []))
     assert set(ui_workflow_names()) <= listed, templates
     assert not (set(api_workflow_names()) - set(ui_workflow_names())) & listed
-    body = comfy_server.get_bytes(f"/api/workflow_templates/comfyui-zimage-vl/{STYLE}.json")
+    body = comfy_server.get_bytes(f"/api/workflow_templates/comfyui-zimage-vl/{quote(STYLE)}.json")
     assert json.loads(body)["nodes"], "template served without nodes"
 
 
