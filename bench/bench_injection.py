@@ -195,6 +195,18 @@ def reference_configs(base, vl, vl_types, injection, side: int, width: int, g) -
                                                          block_weights="all", token_budget=0)}
 
 
+def profile_config(name: str, model, noise, latent, cond, device) -> None:
+    """Print the top CUDA kernels of 2 sampler steps of one configuration."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    time_sample(model, noise, latent, cond, 2, device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_sample(model, noise, latent, cond, 2, device)
+    print(f"\nprofile {name} (2 steps):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model (dim 256, 4 layers) for a CPU smoke test")
@@ -207,6 +219,9 @@ def main(argv=None):
     ap.add_argument("--vl-tokens", type=int, default=1054)
     ap.add_argument("--budgets", default="256,1024")
     ap.add_argument("--suite", choices=("core", "reference", "all"), default="all")
+    ap.add_argument("--profile", default=None, metavar="CONFIG",
+                    help="after timing, profile 2 steps of these configs (comma-separated names; torch.profiler, "
+                         "top CUDA kernels) against the baseline")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -290,6 +305,8 @@ def main(argv=None):
             "reference clean@30"]
     for k, ok in checks.items():
         print(f"target {k}: {'MET' if ok else 'MISSED'}")
+    for name in (args.profile.split(",") if args.profile else []):
+        profile_config(name, configs[name], noise, latent, cond, device)
     exact = exactness_checks(base, vl, injection, noise, latent, cond, min(args.steps, 4), device)
     for k, ok in exact.items():
         print(f"check {k}: {'OK' if ok else 'FAILED'}")
