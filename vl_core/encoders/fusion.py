@@ -11,6 +11,7 @@ no Triton, or a failed compile (logged once; eager from then on). Mode "sync" co
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -137,7 +138,8 @@ class _Compiler:
         try:
             _use_cache_dir()
             steps = self.compiled()
-            with torch.inference_mode():
+            guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+            with guard, torch.inference_mode():
                 for name, args in examples.items():
                     for a in args:
                         if isinstance(a, torch.Tensor) and a.ndim >= 2:

@@ -80,6 +80,7 @@ class Qwen3VLRunner:
     """
 
     TABLE_CACHE = 32
+    TUNE_ROWS = (1024, 4096)            # fused steps are compiled (tuned) for at least these rows: a 1024² encode
     _ops = EAGER                        # the elementwise steps of the forward running now (fusion.py)
 
     def __init__(self, visual, language_model, spec: Qwen3VLSpec, dtype: torch.dtype, device,
@@ -274,8 +275,9 @@ class Qwen3VLRunner:
         if out is None:
             out = self._forward_on(tables, images, wanted, ops)
         if not ops.fused:     # compile the fused steps for these widths (background; never inside this encode)
-            p = (int(images[0].shape[1]) * int(images[0].shape[2]) // s.patch_size ** 2) if images else 1024
-            self.fusion.after_encode(fkey, self.device, lambda: self._fusion_examples(bsz * len(ids), bsz * p))
+            p = (int(images[0].shape[1]) * int(images[0].shape[2]) // s.patch_size ** 2) if images else 0
+            rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
+            self.fusion.after_encode(fkey, self.device, lambda: self._fusion_examples(*rows))
         return out
 
     def _forward_on(self, tables, images: list[torch.Tensor], wanted: list[int], ops=EAGER) -> dict[int, torch.Tensor]:
