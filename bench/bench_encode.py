@@ -254,8 +254,8 @@ def main(argv=None):
         tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B", graphs=False),
         load_device=device, offload_device=torch.device("cpu"))
     for enc, mode in ((native, "off"), (native_eager, "off"), (tr, "off"), (tr_eager, "off"),
-                      (native_fused, args.fusion), (native_fused_eager, args.fusion), (tr_fused, args.fusion),
-                      (tr_fused_eager, args.fusion)):
+                      (native_fused, args.fusion), (native_fused_eager, "on"), (tr_fused, args.fusion),
+                      (tr_fused_eager, "on")):      # "on": the compiled steps also without CUDA graphs
         runner_of(enc).fusion = fusion.Fusion(mode)
     L = native.num_layers
     layer = extract.resolve_layer(args.layer if args.layer is not None else (-2 if args.tiny else -6), L)
@@ -371,6 +371,9 @@ def main(argv=None):
             bd[f"runner.forward only, graphs={graphs}"] = measure(
                 lambda: runner.forward(ids, native.image_pad_id, [x], [layer]), device, args.reps)
         runner.graphs = cache
+        fused_runner = runner_of(native_fused)
+        bd["runner.forward only, fused, graphs=True"] = measure(
+            lambda: fused_runner.forward(ids, native.image_pad_id, [x], [layer]), device, args.reps)
         pv, grid = preprocess.to_patches(image)
 
         def hf_visual():
@@ -541,7 +544,8 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     fusion.Fusion.wait()
     res["compile_wait_s"] = time.perf_counter() - t0
     res["status"] = fusion.Fusion.status()
-    res["next_ms"] = [timed() for _ in range(6)]       # eager fused, capture, replays
+    res["next_ms"] = [timed() for _ in range(12)]      # eager, capture (fused steps), replays
+    res["replay_median_ms"] = statistics.median(res["next_ms"][2:])
     graphs = counters["stats"]["unique_graphs"]
     other = torch.rand(size // 2, size // 2, 3, generator=g)
     t0 = time.perf_counter()

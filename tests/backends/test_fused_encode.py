@@ -97,6 +97,7 @@ def test_fallback_is_eager_when_compile_is_off(hf_encoder, monkeypatch):
     runner = enc.fast_runner()
     cpu = torch.device("cpu")
     assert runner.fusion.mode == "auto" and not runner.fusion.wanted(cpu)     # the CPU default: eager
+    assert not runner.fusion.uncaptured and fusion.Fusion("sync").uncaptured   # auto: compiled only in CUDA graphs
     monkeypatch.setenv(fusion.ENV_MODE, "0")
     off = fusion.Fusion()
     assert off.mode == "off" and not off.wanted(cpu) and not off.wanted(torch.device("cuda"))

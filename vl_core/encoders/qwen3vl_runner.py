@@ -273,7 +273,7 @@ class Qwen3VLRunner:
             out = self.graphs.capture(key, self.device, lambda static: self._forward_on(tables, static, wanted, ops),
                                       images, keep=keep, cancelled=lambda: getattr(self.weights, "used_cast", False))
         if out is None:
-            out = self._forward_on(tables, images, wanted, ops)
+            out = self._forward_on(tables, images, wanted, ops if self.fusion.uncaptured else EAGER)
         if not ops.fused:     # compile the fused steps for these widths (background; never inside this encode)
             p = (int(images[0].shape[1]) * int(images[0].shape[2]) // s.patch_size ** 2) if images else 0
             rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
