@@ -512,6 +512,7 @@ def cold_runs(args) -> int:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COLD ")]
         out[name] = json.loads(lines[-1][5:]) if lines else {"error": proc.stderr[-2000:]}
+        out[name]["warnings"] = [ln[-300:] for ln in proc.stderr.splitlines() if "Qwen3-VL runner" in ln][-5:]
         out[name]["process_s"] = time.perf_counter() - t0
         print(f"{name:<30} {out[name]}", flush=True)
     if args.out:
@@ -546,6 +547,8 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     res["status"] = fusion.Fusion.status()
     res["next_ms"] = [timed() for _ in range(12)]      # eager, capture (fused steps), replays
     res["replay_median_ms"] = statistics.median(res["next_ms"][2:])
+    cache = native.graphs
+    res["graphs"] = {"captured": len(cache), "broken": cache.broken}     # did the replays really replay a graph
     graphs = counters["stats"]["unique_graphs"]
     other = torch.rand(size // 2, size // 2, 3, generator=g)
     t0 = time.perf_counter()
