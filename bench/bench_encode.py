@@ -493,7 +493,8 @@ def kernel_kinds(prof) -> dict:
 # ------------------------------------------------------------------------------------------------ cold / warm
 
 COLD_CASES = (("today: fusion off", "off", "empty"), ("fused: empty inductor cache", "auto", "empty"),
-              ("fused: warm disk cache", "auto", "warm"), ("fused sync: warm disk cache", "sync", "warm"))
+              ("fused: warm disk cache", "auto", "warm"), ("fused sync: warm disk cache", "sync", "warm"),
+              ("fused: warm Triton cache, no FX / AOT cache", "auto", "nofx"))   # diagnoses the warm-cache replays
 
 
 def cold_runs(args) -> int:
@@ -505,6 +506,8 @@ def cold_runs(args) -> int:
                    TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="zimage_vl_empty_") if state == "empty" and
                    mode == "off" else cache)
         env.pop("TRITON_CACHE_DIR", None)
+        if state == "nofx":
+            env.update(TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
         cmd = [sys.executable, __file__, "--cold-probe", mode, "--sizes", args.sizes, "--device", args.device]
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--comfy", args.comfy] if args.comfy else []

@@ -107,11 +107,13 @@ def _use_cache_dir() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     import torch._inductor.config as inductor_config
 
-    inductor_config.fx_graph_cache = True
+    if os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") is None:      # the user's explicit choice wins
+        inductor_config.fx_graph_cache = True
     try:
         import torch._functorch.config as functorch_config
 
-        functorch_config.enable_autograd_cache = True
+        if os.environ.get("TORCHINDUCTOR_AUTOGRAD_CACHE") is None:
+            functorch_config.enable_autograd_cache = True
     except (ImportError, AttributeError):
         pass
 
