@@ -6,7 +6,8 @@ Qwen3VLForConditionalGeneration in bf16 on the GPU, and ComfyUI's own native Qwe
 (comfy.sd.CLIP over comfy.text_encoders.qwen3vl) sharing the very same weight tensors, then measures
 through this pack's real code (nodes/native_clip.py, nodes/transformers_model.py, vl_core):
 
-  native fast        NativeQwen3VLEncoder.encode (ComfyUI's loaded modules through vl_core's runner)
+  native fast        NativeQwen3VLEncoder.encode (ComfyUI's loaded modules through vl_core's runner), the
+                     runner's elementwise steps eager (fusion off); "fused": torch.compile'd steps (fusion.py)
   transformers fast  TransformersVLModel.encode (ModelPatcher-managed HF model, the runner)
   transformers hf    TransformersQwen3VL engine "hf" (the HF forward stopped early by hooks)
   baseline host      ComfyUI's own encode (clip.tokenize(..., images=[img]) + encode_from_tokens)
@@ -19,6 +20,8 @@ the vision-tower share and SDPA back-ends, and (--profile) where the transformer
 
 Run (GPU):   python bench/bench_encode.py --out $OUT/encode.json
 Smoke (CPU): python bench/bench_encode.py --tiny --device cpu
+Cold / warm (fresh processes: first encode, compile time with an empty and a warm inductor disk cache):
+             python bench/bench_encode.py --cold-runs --sizes 1024 --out $OUT/cold.json
 ComfyUI comes from --comfy, $COMFYUI_PATH, ./.comfy_host (a git-ignored copy carried to the GPU
 machine) or $HOME/ComfyUI, in that order.
 """
@@ -27,8 +30,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -186,8 +192,13 @@ def main(argv=None):
     ap.add_argument("--batch-size-px", type=int, default=1024)
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the transformers paths")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown")
+    ap.add_argument("--fusion", default="auto", help="fusion mode of the fused rows (fusion.MODES)")
+    ap.add_argument("--cold-runs", action="store_true", help="fresh-process first-encode figures (subprocesses)")
+    ap.add_argument("--cold-probe", default=None, help=argparse.SUPPRESS)   # one fresh process of --cold-runs
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.cold_runs:
+        return cold_runs(args)
 
     comfy_root = find_comfy(args.comfy)
     import_host(comfy_root, cpu=args.device == "cpu")
@@ -217,6 +228,9 @@ def main(argv=None):
             "dtype": str(dtype), "params": n_params, "shared_tensors": shared, "comfy": str(comfy_root),
             "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None}
     print(f"models built in {time.perf_counter() - t0:.1f}s: {info}", flush=True)
+    fusion = import_pack("vl_core.encoders.fusion")
+    if args.cold_probe:
+        return cold_probe(args, native_clip, clip, fusion, device)
     peak = matmul_peak(device)
     info["matmul_tflops"] = peak / 1e12
     print(f"bf16 8192^3 matmul: {peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -224,6 +238,8 @@ def main(argv=None):
 
     native = native_clip.NativeQwen3VLEncoder(clip)
     native_eager = native_clip.NativeQwen3VLEncoder(clip, graphs=False)
+    native_fused = native_clip.NativeQwen3VLEncoder(clip)
+    native_fused_eager = native_clip.NativeQwen3VLEncoder(clip, graphs=False)
     host = native_clip.NativeQwen3VLEncoder(clip, engine="host")
     tr_enc = tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B")
     tr = transformers_model.TransformersVLModel(tr_enc, load_device=device, offload_device=torch.device("cpu"))
@@ -232,9 +248,24 @@ def main(argv=None):
         load_device=device, offload_device=torch.device("cpu"))
     tr_hf = tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B", engine="hf")
     tr_hf.output_device = mm.intermediate_device()
+    tr_fused = transformers_model.TransformersVLModel(tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B"),
+                                                      load_device=device, offload_device=torch.device("cpu"))
+    tr_fused_eager = transformers_model.TransformersVLModel(
+        tq.TransformersQwen3VL(hf_model, tok, source="random-init Qwen3-VL-4B", graphs=False),
+        load_device=device, offload_device=torch.device("cpu"))
+    for enc, mode in ((native, "off"), (native_eager, "off"), (tr, "off"), (tr_eager, "off"),
+                      (native_fused, args.fusion), (native_fused_eager, "on"), (tr_fused, args.fusion),
+                      (tr_fused_eager, "on")):      # "on": the compiled steps also without CUDA graphs
+        runner_of(enc).fusion = fusion.Fusion(mode)
     L = native.num_layers
     layer = extract.resolve_layer(args.layer if args.layer is not None else (-2 if args.tiny else -6), L)
     print(f"layer {layer - L - 1} (= hidden_states[{layer}]) of {L}", flush=True)
+    t1 = time.perf_counter()          # compile the fused steps now (background thread), so every row is steady
+    native_fused.encode([torch.rand(*(2 * [64 if args.tiny else 1024]), 3)], PROMPT, [layer], "after_image")
+    fusion.Fusion.wait()
+    info["compile"] = dict(fusion.Fusion.status(), wall_s=time.perf_counter() - t1,
+                           cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    print(f"fused steps: {info['compile']}", flush=True)
 
     def hf_full(image):
         """The common transformers way: full forward, every hidden state, logits."""
@@ -261,6 +292,10 @@ def main(argv=None):
         "native fast eager": lambda im: native_eager.encode([im], PROMPT, [layer], "after_image"),
         "transformers fast": lambda im: tr.encode([im], PROMPT, [layer], "after_image"),
         "transformers fast eager": lambda im: tr_eager.encode([im], PROMPT, [layer], "after_image"),
+        "native fused": lambda im: native_fused.encode([im], PROMPT, [layer], "after_image"),
+        "native fused eager": lambda im: native_fused_eager.encode([im], PROMPT, [layer], "after_image"),
+        "transformers fused": lambda im: tr_fused.encode([im], PROMPT, [layer], "after_image"),
+        "transformers fused eager": lambda im: tr_fused_eager.encode([im], PROMPT, [layer], "after_image"),
         "transformers hf": lambda im: tr_hf.encode([im], PROMPT, [layer], "after_image"),
         "baseline host": lambda im: host.encode([im], PROMPT, [layer], "after_image"),
         "baseline hf full": hf_full,
@@ -296,6 +331,10 @@ def main(argv=None):
                 row["rel_native_fast_vs_host"] = rel(outs["native fast"].hidden[layer], outs["baseline host"].hidden[layer])
             if "transformers fast" in outs and "transformers hf" in outs:
                 row["rel_tr_fast_vs_hf"] = rel(outs["transformers fast"].hidden[layer], outs["transformers hf"].hidden[layer])
+            for a, b in (("native fused", "native fast"), ("transformers fused", "transformers fast"),
+                         ("native fused", "baseline host"), ("transformers fused", "transformers hf")):
+                if a in outs and b in outs and hasattr(outs[b], "hidden"):
+                    row[f"rel_{a}_vs_{b}".replace(" ", "_")] = rel(outs[a].hidden[layer], outs[b].hidden[layer])
             if "baseline hf full" in outs and "transformers hf" in outs:
                 row["rel_hf_engine_vs_full"] = rel(outs["transformers hf"].hidden[layer], outs["baseline hf full"][0])
             results["sizes"][size] = row
@@ -332,6 +371,9 @@ def main(argv=None):
             bd[f"runner.forward only, graphs={graphs}"] = measure(
                 lambda: runner.forward(ids, native.image_pad_id, [x], [layer]), device, args.reps)
         runner.graphs = cache
+        fused_runner = runner_of(native_fused)
+        bd["runner.forward only, fused, graphs=True"] = measure(
+            lambda: fused_runner.forward(ids, native.image_pad_id, [x], [layer]), device, args.reps)
         pv, grid = preprocess.to_patches(image)
 
         def hf_visual():
@@ -356,6 +398,7 @@ def main(argv=None):
         batch_methods = {
             "native fast encode_many": lambda: native.encode_many(images, PROMPT, [layer], "after_image"),
             "native fast encode_many eager": lambda: native_eager.encode_many(images, PROMPT, [layer], "after_image"),
+            "native fused encode_many": lambda: native_fused.encode_many(images, PROMPT, [layer], "after_image"),
             "transformers fast encode_many": lambda: tr.encode_many(images, PROMPT, [layer], "after_image"),
             "transformers fast encode_many eager": lambda: tr_eager.encode_many(images, PROMPT, [layer],
                                                                                  "after_image"),
@@ -381,7 +424,9 @@ def main(argv=None):
     if args.profile:
         results["profile"] = profile(device, {"transformers hf (HF forward + hooks)": methods["transformers hf"],
                                               "native fast eager": methods["native fast eager"],
-                                              "native fast (graph replay)": methods["native fast"]},
+                                              "native fast (graph replay)": methods["native fast"],
+                                              "native fused eager": methods["native fused eager"],
+                                              "native fused (graph replay)": methods["native fused"]},
                                      torch.rand(1024 if not args.tiny else 64, 1024 if not args.tiny else 64, 3,
                                                 generator=g))
 
@@ -408,19 +453,122 @@ def profile(device, fns: dict, image) -> dict:
                       "aten::_local_scalar_dense", "cudaMemcpy", "cudaEventSynchronize")
         syncs = {e.key: e.count for e in ka if e.key in sync_names}
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        kinds = kernel_kinds(prof)
         print(f"\n===== profile: {name} (1024², one encode) =====\n"
-              f"sync / copy events: {syncs}", flush=True)
+              f"sync / copy events: {syncs}\nGPU time by kind (ms, kernels): {kinds}", flush=True)
         print(ka.table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60), flush=True)
-        out[name] = {"syncs": syncs}
+        out[name] = {"syncs": syncs, "kinds": kinds}
     return out
+
+
+def runner_of(enc):
+    """The fast runner of a native encoder or a TransformersVLModel (built, and the model loaded, on demand)."""
+    if hasattr(enc, "encoder"):
+        enc._load()
+        return enc.encoder.fast_runner()
+    return enc._runner or enc._fast_runner(1, 1, [(64, 64)])
+
+
+KERNEL_KINDS = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+                ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+                ("copy", ("memcpy", "memset")))
+
+
+def kernel_kinds(prof) -> dict:
+    """GPU time (ms) and kernel count per kind (gemm / attention / copy / elementwise = the rest) of a profile."""
+    import torch
+
+    out: dict = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(w in name for w in keys)), "elementwise")
+        ms, n = out.get(kind, (0.0, 0))
+        out[kind] = (ms + getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) / 1e3, n + 1)
+    return {k: (round(ms, 3), n) for k, (ms, n) in sorted(out.items())}
+
+
+# ------------------------------------------------------------------------------------------------ cold / warm
+
+COLD_CASES = (("today: fusion off", "off", "empty"), ("fused: empty inductor cache", "auto", "empty"),
+              ("fused: warm disk cache", "auto", "warm"), ("fused sync: warm disk cache", "sync", "warm"),
+              ("fused: warm Triton cache, no FX / AOT cache", "auto", "nofx"))   # diagnoses the warm-cache replays
+
+
+def cold_runs(args) -> int:
+    """Fresh processes (one per case): first encode, compile wall time, then steady encodes (cold_probe)."""
+    cache = tempfile.mkdtemp(prefix="zimage_vl_inductor_")
+    out = {}
+    for name, mode, state in COLD_CASES:
+        env = dict(os.environ, ZIMAGE_VL_COMPILE=mode,
+                   TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="zimage_vl_empty_") if state == "empty" and
+                   mode == "off" else cache)
+        env.pop("TRITON_CACHE_DIR", None)
+        if state == "nofx":
+            env.update(TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+        cmd = [sys.executable, __file__, "--cold-probe", mode, "--sizes", args.sizes, "--device", args.device]
+        cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--comfy", args.comfy] if args.comfy else []
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COLD ")]
+        out[name] = json.loads(lines[-1][5:]) if lines else {"error": proc.stderr[-2000:]}
+        out[name]["warnings"] = [ln[-300:] for ln in proc.stderr.splitlines() if "Qwen3-VL runner" in ln][-5:]
+        out[name]["process_s"] = time.perf_counter() - t0
+        print(f"{name:<30} {out[name]}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def cold_probe(args, native_clip, clip, fusion, device) -> int:
+    """One fresh process: wall time of each encode (synchronised) from the very first one on, and when the fused
+    steps became active; the first size of --sizes, then one other size (recompile check)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    size = [int(s) for s in args.sizes.split(",") if s][0] if not args.tiny else 64
+    native = native_clip.NativeQwen3VLEncoder(clip)
+    layer = -6 if not args.tiny else -2
+    layer = native.num_layers + 1 + layer
+    g = torch.Generator().manual_seed(7)
+    image = torch.rand(size, size, 3, generator=g)
+
+    def timed():
+        t0 = time.perf_counter()
+        native.encode([image], PROMPT, [layer], "after_image")
+        sync(device)
+        return 1e3 * (time.perf_counter() - t0)
+
+    res = {"mode": args.cold_probe, "first_ms": timed()}
+    res["second_ms_during_compile"] = timed() if fusion.Fusion.busy() else None
+    t0 = time.perf_counter()
+    fusion.Fusion.wait()
+    res["compile_wait_s"] = time.perf_counter() - t0
+    res["status"] = fusion.Fusion.status()
+    res["next_ms"] = [timed() for _ in range(12)]      # eager, capture (fused steps), replays
+    res["replay_median_ms"] = statistics.median(res["next_ms"][2:])
+    cache = native.graphs
+    res["graphs"] = {"captured": len(cache), "broken": cache.broken}     # did the replays really replay a graph
+    graphs = counters["stats"]["unique_graphs"]
+    other = torch.rand(size // 2, size // 2, 3, generator=g)
+    t0 = time.perf_counter()
+    native.encode([other], PROMPT, [layer], "after_image")
+    sync(device)
+    res["other_size_first_ms"] = 1e3 * (time.perf_counter() - t0)
+    res["other_size_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
+    print("COLD " + json.dumps(res), flush=True)
+    return 0
 
 
 def summary(results: dict, layer_neg: int) -> None:
     info = results["info"]
     print(f"\n==== VL encode, layer {layer_neg}, {info['device']}, torch {info['torch']}, transformers "
           f"{info['transformers']}, {info['dtype']}, matmul {info['matmul_tflops']:.0f} TFLOP/s ====")
-    names = ["native fast", "native fast eager", "transformers fast", "transformers fast eager", "transformers hf",
+    names = ["native fused", "native fused eager", "native fast", "native fast eager", "transformers fused",
+             "transformers fused eager", "transformers fast", "transformers fast eager", "transformers hf",
              "baseline host", "baseline hf full"]
     print(f"{'size':>6} {'tokens':>6} {'roofline':>9} " + " ".join(f"{n:>18}" for n in names))
     for size, row in results["sizes"].items():
@@ -431,7 +579,8 @@ def summary(results: dict, layer_neg: int) -> None:
         roof = row.get("roofline_ms")
         print(f"{size:>6} {row.get('tokens', 0):>6} {'-' if roof is None else f'{roof:.1f}ms':>9} " + " ".join(cells))
         base_h, base_f = row.get("baseline host", {}).get("ms"), row.get("baseline hf full", {}).get("ms")
-        for n in ("native fast", "native fast eager", "transformers fast", "transformers fast eager"):
+        for n in ("native fused", "native fast", "native fast eager", "transformers fused", "transformers fast",
+                  "transformers fast eager"):
             ms = row.get(n, {}).get("ms")
             if ms and base_h and base_f:
                 print(f"{'':>6} {n}: x{base_h / ms:.1f} vs host, x{base_f / ms:.1f} vs hf full, "

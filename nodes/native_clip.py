@@ -333,8 +333,8 @@ class NativeQwen3VLEncoder:
         device = runner.device
         slots = []
         for k, size in enumerate(sizes):
-            batch = torch.stack([im.to(device, non_blocking=True) for im in images[k]]) if len(images[k]) > 1 \
-                else images[k][0].to(device, non_blocking=True)[None]
+            batch = torch.stack([runner.upload(im) for im in images[k]]) if len(images[k]) > 1 \
+                else runner.upload(images[k][0])[None]                 # pinned staging, asynchronous
             if tuple(batch.shape[1:3]) != tuple(size):   # ComfyUI's own resize (bilinear, no antialias)
                 batch = F.interpolate(batch.permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
                                       align_corners=False).permute(0, 2, 3, 1)

@@ -25,7 +25,10 @@ Weights are read through a weight source (weights.py: `get(module) -> (weight, b
 `release(...)`); the default `DirectWeights` uses the module's tensors (cast to the compute dtype / device
 only if they differ). The ComfyUI backend passes one that goes through ComfyUI's own weight casting for
 modules it manages (lowvram / dynamic VRAM / LoRA weight functions). Tables: qwen3vl_tables.py; CUDA
-graphs of repeated encodes: a GraphCache (graph_cache.py) the runner's owner creates and releases.
+graphs of repeated encodes: a GraphCache (graph_cache.py) the runner's owner creates and releases. The
+elementwise steps between the matmuls (residual add + norm, q/k norm + RoPE, SiLU·mul) come from fusion.py:
+their eager twins until the process has compiled them (torch.compile, off on the CPU / ZIMAGE_VL_COMPILE=0).
+Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging).
 """
 from __future__ import annotations
 
@@ -38,10 +41,11 @@ import torch.nn.functional as F
 
 from .. import preprocess
 from ..checks import require_choice
+from .fusion import EAGER, Fusion
 from .graph_cache import GraphCache
-from .qwen3vl_spec import Qwen3VLSpec, UnsupportedModel
+from .qwen3vl_spec import Qwen3VLSpec, check_modules
 from .qwen3vl_tables import mrope_positions, signed_sin, text_rope, vision_tables
-from .weights import DirectWeights, normalize_device
+from .weights import DirectWeights, HostStaging, normalize_device
 
 SDPA_MODES = ("auto", "cudnn", "flash", "efficient", "math")
 
@@ -71,13 +75,16 @@ class Qwen3VLRunner:
     """Runs a Qwen3-VL's `visual` and language model (`embed_tokens`, `layers`, `norm`) module objects.
 
     dtype: the compute dtype (normally the weights' dtype); device: where it runs. `check()` validates
-    the module layout against the spec once (raises UnsupportedModel with the reason).
+    the module layout against the spec once (raises UnsupportedModel with the reason). fusion: a Fusion, or its
+    mode (None: env ZIMAGE_VL_COMPILE, default "auto" = compiled steps on CUDA once ready).
     """
 
     TABLE_CACHE = 32
+    TUNE_ROWS = (1024, 4096)            # fused steps are compiled (tuned) for at least these rows: a 1024² encode
+    _ops = EAGER                        # the elementwise steps of the forward running now (fusion.py)
 
     def __init__(self, visual, language_model, spec: Qwen3VLSpec, dtype: torch.dtype, device,
-                 weights=None, sdpa: str = "auto", graphs: GraphCache | None = None):
+                 weights=None, sdpa: str = "auto", graphs: GraphCache | None = None, fusion: Fusion | str | None = None):
         require_choice("sdpa mode", sdpa, SDPA_MODES)
         self.visual = visual
         self.lm = language_model
@@ -87,6 +94,8 @@ class Qwen3VLRunner:
         self.weights = weights if weights is not None else DirectWeights(dtype, self.device)
         self.sdpa = sdpa
         self.graphs = graphs            # CUDA graphs of repeated encodes (None: always eager)
+        self.fusion = fusion if isinstance(fusion, Fusion) else Fusion(fusion)
+        self.staging = HostStaging()    # pinned buffers of image uploads
         self._tables: OrderedDict = OrderedDict()     # vision tables per (grid, device, dtype), on the device
 
     @property
@@ -97,47 +106,7 @@ class Qwen3VLRunner:
     # ------------------------------------------------------------------ validation
 
     def check(self) -> None:
-        s, v, lm = self.spec, self.visual, self.lm
-
-        def need(obj, path):
-            cur = obj
-            for part in path.split("."):
-                if not hasattr(cur, part):
-                    raise UnsupportedModel(f"module has no {path!r}")
-                cur = getattr(cur, part)
-            return cur
-
-        proj = need(v, "patch_embed.proj")
-        cin = 3 * s.temporal_patch_size * s.patch_size ** 2
-        if proj.weight.numel() != s.vision_hidden * cin:
-            raise UnsupportedModel(f"patch_embed.proj has {tuple(proj.weight.shape)}, expected "
-                                   f"{s.vision_hidden}x{cin} elements")
-        if need(v, "pos_embed.weight").shape[0] != s.num_grid_per_side ** 2:
-            raise UnsupportedModel("pos_embed size does not match num_grid_per_side")
-        blocks = need(v, "blocks")
-        if len(blocks) != s.vision_depth:
-            raise UnsupportedModel(f"{len(blocks)} vision blocks, expected {s.vision_depth}")
-        for path in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"):
-            need(blocks[0], path)
-        for path in ("merger.norm", "merger.linear_fc1", "merger.linear_fc2"):
-            need(v, path)
-        mergers = need(v, "deepstack_merger_list") if s.deepstack_indexes else []
-        if len(mergers) != len(s.deepstack_indexes):
-            raise UnsupportedModel("deepstack mergers do not match deepstack indexes")
-        need(lm, "embed_tokens.weight")
-        layers = need(lm, "layers")
-        if len(layers) != s.num_layers:
-            raise UnsupportedModel(f"{len(layers)} decoder layers, expected {s.num_layers}")
-        for path in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                     "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            if need(layers[0], path) is None:
-                raise UnsupportedModel(f"decoder layer has no {path}")
-        if getattr(lm, "norm", None) is None:
-            raise UnsupportedModel("language model has no final norm")
-        q = layers[0].self_attn.q_proj.weight
-        if tuple(q.shape) != (s.heads * s.head_dim, s.hidden):
-            raise UnsupportedModel(f"q_proj is {tuple(q.shape)}, expected {(s.heads * s.head_dim, s.hidden)}")
+        check_modules(self.spec, self.visual, self.lm)
 
     # ------------------------------------------------------------------ primitive ops
 
@@ -148,34 +117,45 @@ class Qwen3VLRunner:
             self.weights.release(m, w, b, tok)
         return y
 
-    def _layer_norm(self, m, x):
+    def _norm_params(self, m):
+        """(weight, bias, eps, token) of a LayerNorm / RMSNorm (ComfyUI's RMSNorm(add=True): scale 1 + weight)."""
         w, b, tok = self.weights.get(m)
-        y = F.layer_norm(x, (x.shape[-1],), w, b, m.eps)
-        if tok is not None:
-            self.weights.release(m, w, b, tok)
-        return y
-
-    def _rms_norm(self, m, x):
-        w, _, tok = self.weights.get(m)
-        if getattr(m, "add", False):      # ComfyUI's RMSNorm(add=True): scale is 1 + weight
+        if getattr(m, "add", False):
             w = w + 1.0
         eps = getattr(m, "eps", None)
         if eps is None:
             eps = getattr(m, "variance_epsilon", self.spec.rms_eps)
-        y = F.rms_norm(x, (x.shape[-1],), w, eps)
+        return w, b, eps, tok
+
+    def _release(self, m, w, b, tok):
         if tok is not None:
-            self.weights.release(m, w, None, tok)
+            self.weights.release(m, w, b, tok)
+
+    def _layer_norm(self, m, x):
+        w, b, eps, tok = self._norm_params(m)
+        y = F.layer_norm(x, (x.shape[-1],), w, b, eps)
+        self._release(m, w, b, tok)
         return y
 
-    @staticmethod
-    def _rope_(x, cos, ssin):
-        """Rotate-half RoPE on the last dim, x*cos + rotate_half(x)*sin, in x's dtype (ComfyUI's op order:
-        one product and two in-place multiply-adds). ssin = signed sin: [-sin(first half), sin(second half)]."""
-        half = x.shape[-1] // 2
-        out = x * cos
-        out[..., :half].addcmul_(x[..., half:], ssin[..., :half])
-        out[..., half:].addcmul_(x[..., :half], ssin[..., half:])
-        return out
+    def _add_norm(self, m, x, r, rms: bool):
+        """(x + r, norm(x + r)) through the fused step; r None: (x, norm(x)). Rows flattened for the steps."""
+        w, b, eps, tok = self._norm_params(m)
+        d = x.shape[-1]
+        if r is None:
+            y = F.rms_norm(x, (d,), w, eps) if rms else F.layer_norm(x, (d,), w, b, eps)
+        else:
+            shape = x.shape
+            if rms:
+                x, y = self._ops.add_rms_norm(x.reshape(-1, d), r.reshape(-1, d), w, eps)
+            else:
+                x, y = self._ops.add_layer_norm(x.reshape(-1, d), r.reshape(-1, d), w, b, eps)
+            x, y = x.view(shape), y.view(shape)
+        self._release(m, w, b, tok)
+        return x, y
+
+    def upload(self, t: torch.Tensor) -> torch.Tensor:
+        """t on the runner's device (CPU tensors through pinned staging buffers, asynchronously)."""
+        return self.staging.upload(t, self.device)
 
     # ------------------------------------------------------------------ tables (cached per grid, on device)
 
@@ -220,21 +200,24 @@ class Qwen3VLRunner:
         x = x + pos
 
         heads, hd = s.vision_heads, s.vision_head_dim
-        cos4, sin4 = cos[:, None, None, :], sin[:, None, None, :]     # broadcast over (qk, heads)
+        cos4, sin4 = (t.repeat(bsz, 1)[:, None, None, :] for t in (cos, sin))   # [B·P, 1, 1, hd] over (qk, heads)
         ds_index = {layer: j for j, layer in enumerate(s.deepstack_indexes)}
         deepstack: list = [None] * len(s.deepstack_indexes)
+        r = None                        # the MLP output not yet added to x (fused into the next norm)
+        last = len(v.blocks) - 1
         for i, blk in enumerate(v.blocks):
-            y = self._layer_norm(blk.norm1, x)
-            qkv = self._linear(blk.attn.qkv, y).view(bsz, p, 3, heads, hd)
-            qk = self._rope_(qkv[:, :, :2], cos4, sin4)
-            q, k = qk.unbind(2)
-            val = qkv[:, :, 2]
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), val.transpose(1, 2))
-            x = x + self._linear(blk.attn.proj, o.transpose(1, 2).reshape(bsz, p, heads * hd))
-            y = self._layer_norm(blk.norm2, x)
+            x, y = self._add_norm(blk.norm1, x, r, rms=False)
+            qkv = self._linear(blk.attn.qkv, y).view(bsz * p, 3, heads, hd)
+            q, k = self._ops.qkv_rope(qkv, cos4, sin4)
+            q, k, val = (t.view(bsz, p, heads, hd).transpose(1, 2) for t in (q, k, qkv[:, 2]))
+            o = F.scaled_dot_product_attention(q, k, val)
+            x, y = self._add_norm(blk.norm2, x, self._linear(blk.attn.proj, o.transpose(1, 2).reshape(bsz, p, heads * hd)),
+                                  rms=False)
             y = F.gelu(self._linear(blk.mlp.linear_fc1, y), approximate="tanh")
-            x = x + self._linear(blk.mlp.linear_fc2, y)
+            r = self._linear(blk.mlp.linear_fc2, y)
             j = ds_index.get(i)
+            if j is not None or i == last:
+                x, r = x + r, None
             if j is not None:
                 deepstack[j] = self._merger(v.deepstack_merger_list[j], x, postshuffle=True)
         return self._merger(v.merger, x, postshuffle=False), deepstack
@@ -273,25 +256,71 @@ class Qwen3VLRunner:
                                  f"{s.patch_size * s.merge_size} px")
             grids.append((gh // s.merge_size, gw // s.merge_size))
         ids = [int(t) for t in input_ids]
+        images = [self.upload(im) for im in images]
+        fkey = self._fusion_key()
+        ops = self.fusion.ops(fkey, self.device)
 
-        key = self._graph_key(ids, images, wanted) if self._graphs_possible() else None
+        key = self._graph_key(ids, images, wanted, ops.fused) if self._graphs_possible() else None
         if key is not None:
             out = self.graphs.replay(key, images)
             if out is not None:
                 return out
         tables = self._tables_for(ids, image_pad_id, grids)
+        out = None
         if key is not None and self.graphs.ran_before(key):     # second time this exact encode: capture it
             keep = (tables, [self._vision_tables(int(im.shape[1]) // s.patch_size, int(im.shape[2]) // s.patch_size)
                              for im in images])
-            out = self.graphs.capture(key, self.device, lambda static: self._forward_on(tables, static, wanted),
+            out = self.graphs.capture(key, self.device, lambda static: self._forward_on(tables, static, wanted, ops),
                                       images, keep=keep, cancelled=lambda: getattr(self.weights, "used_cast", False))
-            if out is not None:
-                return out
-        return self._forward_on(tables, [im.to(self.device, non_blocking=True) for im in images], wanted)
+        if out is None:
+            out = self._forward_on(tables, images, wanted, ops if self.fusion.uncaptured else EAGER)
+        if not ops.fused:     # compile the fused steps for these widths (background; never inside this encode)
+            p = (int(images[0].shape[1]) * int(images[0].shape[2]) // s.patch_size ** 2) if images else 0
+            rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
+            self.fusion.after_encode(fkey, self.device, lambda: self._fusion_examples(*rows))
+        return out
 
-    def _forward_on(self, tables, images: list[torch.Tensor], wanted: list[int]) -> dict[int, torch.Tensor]:
-        with torch.inference_mode(), sdpa_context(self.sdpa, self.device):
-            return self._device_forward(tables, images, wanted)
+    def _forward_on(self, tables, images: list[torch.Tensor], wanted: list[int], ops=EAGER) -> dict[int, torch.Tensor]:
+        self._ops = ops
+        try:
+            with torch.inference_mode(), sdpa_context(self.sdpa, self.device):
+                return self._device_forward(tables, images, wanted)
+        finally:
+            self._ops = EAGER
+
+    # ------------------------------------------------------------------ fused steps (fusion.py)
+
+    def _fusion_key(self):
+        ffn = tuple(self.lm.layers[0].mlp.gate_proj.weight.shape)
+        return (self.device, self.dtype, self.spec, ffn)
+
+    def _fusion_examples(self, rows: int, vision_rows: int) -> dict:
+        """Dummy arguments of every fused step at this encode's row counts (real norm weights, compute dtype)."""
+        s, layer, blk = self.spec, self.lm.layers[0], self.visual.blocks[0]
+
+        def z(*shape):
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        def norm(m):
+            w, b, eps, tok = self._norm_params(m)
+            if tok is not None:        # a per-call cast: keep a copy, give the cast back
+                w, b = w.clone(), (b.clone() if b is not None else None)
+                self._release(m, w, b, tok)
+            return w, b, eps
+
+        w, _, eps = norm(layer.input_layernorm)
+        qw, _, qe = norm(layer.self_attn.q_norm)
+        kw, _, ke = norm(layer.self_attn.k_norm)
+        vw, vb, veps = norm(blk.norm1)
+        f = layer.mlp.gate_proj.weight.shape[0]
+        hd, vhd = s.head_dim, s.vision_head_dim
+        return {"add_rms_norm": (z(rows, s.hidden), z(rows, s.hidden), w, eps),
+                "qk_norm_rope": (z(rows, s.heads, hd), z(rows, s.kv_heads, hd), qw, kw, qe, ke,
+                                 z(rows, 1, hd), z(rows, 1, hd)),
+                "silu_mul": (z(rows, f), z(rows, f)),
+                "add_layer_norm": (z(vision_rows, s.vision_hidden), z(vision_rows, s.vision_hidden), vw, vb, veps),
+                "qkv_rope": (z(vision_rows, 3, s.vision_heads, vhd), z(vision_rows, 1, 1, vhd),
+                             z(vision_rows, 1, 1, vhd))}
 
     def _tables_for(self, ids: list[int], image_pad_id: int, grids) -> tuple:
         """All host-side tables first, then one copy each: no synchronisation inside the forward."""
@@ -334,9 +363,9 @@ class Qwen3VLRunner:
 
     def _graphs_possible(self) -> bool:
         return (self.graphs is not None and self.graphs.usable(self.device)
-                and getattr(self.weights, "graph_safe", False))
+                and getattr(self.weights, "graph_safe", False) and not Fusion.busy())
 
-    def _graph_key(self, ids, images, wanted):
+    def _graph_key(self, ids, images, wanted, fused: bool):
         params = getattr(self, "_param_list", None)
         if params is None:
             params = self._param_list = [p for mod in (self.visual, self.lm) for p in mod.parameters()]
@@ -345,7 +374,7 @@ class Qwen3VLRunner:
         except RuntimeError:
             return None
         return (id(self.visual), self.spec, self.dtype, self.device, self.sdpa, tuple(ids),
-                tuple(tuple(im.shape) for im in images), tuple(wanted), sig)
+                tuple(tuple(im.shape) for im in images), tuple(wanted), fused, sig)
 
     def _decoder(self, x, cos, sin, image_pos, ds_feats, wanted):
         s, lm = self.spec, self.lm
@@ -357,27 +386,37 @@ class Qwen3VLRunner:
         bsz, n, _ = x.shape
         heads, kvh, hd = s.heads, s.kv_heads, s.head_dim
         rep = heads // kvh
-        cos2, sin2 = cos[None, :, None, :], sin[None, :, None, :]
+        cos2, sin2 = (t.repeat(bsz, 1)[:, None, :] for t in (cos, sin))     # [B·N, 1, hd]
+        r = None                        # the MLP output not yet added to x (fused into the next norm)
+        last = min(deepest, L) - 1
         for i in range(min(deepest, L)):
             layer = lm.layers[i]
             att = layer.self_attn
-            y = self._rms_norm(layer.input_layernorm, x)
-            q = self._rms_norm(att.q_norm, self._linear(att.q_proj, y).view(bsz, n, heads, hd))
-            k = self._rms_norm(att.k_norm, self._linear(att.k_proj, y).view(bsz, n, kvh, hd))
+            x, y = self._add_norm(layer.input_layernorm, x, r, rms=True)
+            q = self._linear(att.q_proj, y).view(bsz * n, heads, hd)
+            k = self._linear(att.k_proj, y).view(bsz * n, kvh, hd)
             v = self._linear(att.v_proj, y).view(bsz, n, kvh, hd)
-            q = self._rope_(q, cos2, sin2).transpose(1, 2)
-            k = self._rope_(k, cos2, sin2).transpose(1, 2)
+            qw, _, qe, qt = self._norm_params(att.q_norm)
+            kw, _, ke, kt = self._norm_params(att.k_norm)
+            q, k = self._ops.qk_norm_rope(q, k, qw, kw, qe, ke, cos2, sin2)
+            self._release(att.q_norm, qw, None, qt)
+            self._release(att.k_norm, kw, None, kt)
+            q = q.view(bsz, n, heads, hd).transpose(1, 2)
+            k = k.view(bsz, n, kvh, hd).transpose(1, 2)
             v = v.transpose(1, 2)
             if rep > 1 and not self._gqa:
                 k = k[:, :, None].expand(bsz, kvh, rep, n, hd).reshape(bsz, heads, n, hd)
                 v = v[:, :, None].expand(bsz, kvh, rep, n, hd).reshape(bsz, heads, n, hd)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if rep > 1 and self._gqa else {}))
-            x = x + self._linear(att.o_proj, o.transpose(1, 2).reshape(bsz, n, heads * hd))
-            y = self._rms_norm(layer.post_attention_layernorm, x)
-            y = F.silu(self._linear(layer.mlp.gate_proj, y)) * self._linear(layer.mlp.up_proj, y)
-            x = x + self._linear(layer.mlp.down_proj, y)
+            x, y = self._add_norm(layer.post_attention_layernorm, x,
+                                  self._linear(att.o_proj, o.transpose(1, 2).reshape(bsz, n, heads * hd)), rms=True)
+            g, u = self._linear(layer.mlp.gate_proj, y), self._linear(layer.mlp.up_proj, y)
+            y = self._ops.silu_mul(g.view(-1, g.shape[-1]), u.view(-1, u.shape[-1])).view(g.shape)
+            r = self._linear(layer.mlp.down_proj, y)
             index = i + 1                              # hidden_states index of this layer's output
             has_ds = i < len(ds_feats)
+            if has_ds or index in want or i == last:
+                x, r = x + r, None
             if index in want and index < L and not (has_ds and s.deepstack_after_record):
                 out[index] = x
             if has_ds:
@@ -386,5 +425,5 @@ class Qwen3VLRunner:
                 if index in want and index < L and s.deepstack_after_record:
                     out[index] = x
         if L in want:
-            out[L] = self._rms_norm(lm.norm, x)
+            out[L] = self._add_norm(lm.norm, x, None, rms=True)[1]
         return out

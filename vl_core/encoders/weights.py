@@ -54,3 +54,37 @@ def to_output(t: torch.Tensor, device) -> torch.Tensor:
     if out is t or out.is_inference():
         out = out.clone()
     return out
+
+
+class HostStaging:
+    """Host → device uploads through reused pinned buffers: one CPU copy into page-locked memory, then an
+    asynchronous DMA (a pageable `.to(device)` is a slower, synchronous driver-staged copy). A buffer is
+    rewritten only after its previous DMA finished (an event per buffer). Tensors over `max_bytes`, already
+    pinned, or not CPU → CUDA go straight through `.to(device, non_blocking=True)`."""
+
+    def __init__(self, capacity: int = 4, max_bytes: int = PINNED_OUTPUT_MAX_BYTES):
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._buffers: dict = {}      # (shape, dtype) -> (pinned buffer, event of its last DMA)
+
+    def upload(self, t: torch.Tensor, device) -> torch.Tensor:
+        device = torch.device(device)
+        if (device.type != "cuda" or t.device.type != "cpu" or t.is_pinned()
+                or t.numel() * t.element_size() > self.max_bytes):
+            return t.to(device, non_blocking=True)
+        key = (tuple(t.shape), t.dtype)
+        hit = self._buffers.pop(key, None)
+        if hit is None:
+            buf, event = torch.empty(t.shape, dtype=t.dtype, pin_memory=True), None
+        else:
+            buf, event = hit
+            if event is not None:
+                event.synchronize()
+        buf.copy_(t)
+        out = buf.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._buffers[key] = (buf, event)            # most recently used last
+        while len(self._buffers) > self.capacity:
+            self._buffers.pop(next(iter(self._buffers)))
+        return out

@@ -1,0 +1,257 @@
+"""Fused elementwise steps of the Qwen3-VL runner: eager twins (today's op order) and their torch.compile versions.
+
+Each step is a small pure function of tensors (rows first: [R, ...], R = batch · tokens). The runner calls
+`ops.<step>` with `ops = Fusion.ops(key)`: the eager twins (exactly the runner's former op sequence) until the
+compiled set for that key (device, dtype, model widths) is ready. Compilation (inductor) never happens at import
+or inside a first encode: after the first encode on a CUDA device it runs in a background thread on dummies of
+that encode's shapes, with the row dimension marked dynamic (one graph per step for every image size and batch),
+using inductor's on-disk caches (FX graph, AOT autograd, Triton kernels) under COMPILE_CACHE, so a later process
+loads the kernels instead of compiling them. Off: env ZIMAGE_VL_COMPILE=0, the CPU (unless mode "on"/"sync"),
+no Triton, or a failed compile (logged once; eager from then on). Mode "sync" compiles inside the first encode.
+Mode "auto" uses the compiled steps only in forwards captured as CUDA graphs: uncaptured, their host cost per
+call (guards + wrapper, ≈ 50 µs × ~200 calls an encode, measured on an H200) outweighs the GPU time they save;
+modes "on" / "sync" use them in every forward (tests, CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Hashable
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import require_choice
+
+log = logging.getLogger("comfyui-zimage-vl")
+
+MODES = ("auto", "on", "sync", "off")     # auto: CUDA + Triton, background; on: any device, background; sync: inline
+ENV_MODE = "ZIMAGE_VL_COMPILE"            # 0/off/false/no -> off; 1/on/true/yes -> on; auto; sync
+ENV_CACHE = "ZIMAGE_VL_COMPILE_CACHE"     # inductor cache dir (default ~/.cache/comfyui-zimage-vl/inductor)
+
+
+# ------------------------------------------------------------------ the steps (eager twins)
+
+def rope(x, cos, ssin):
+    """Rotate-half RoPE on the last dim, x·cos + rotate_half(x)·sin in x's dtype (ComfyUI's op order: one
+    product, two in-place multiply-adds); ssin = signed sin [-sin(first half), sin(second half)]."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], ssin[..., :half])
+    out[..., half:].addcmul_(x[..., :half], ssin[..., half:])
+    return out
+
+
+def add_rms_norm(x, r, w, eps: float):
+    """h = x + r; (h, h / sqrt(mean(h²) + eps) · w): residual add and the next RMSNorm."""
+    h = x + r
+    return h, F.rms_norm(h, (h.shape[-1],), w, eps)
+
+
+def add_layer_norm(x, r, w, b, eps: float):
+    """h = x + r; (h, LayerNorm(h)·w + b): residual add and the next LayerNorm."""
+    h = x + r
+    return h, F.layer_norm(h, (h.shape[-1],), w, b, eps)
+
+
+def qk_norm_rope(q, k, qw, kw, q_eps: float, k_eps: float, cos, ssin):
+    """Per-head RMSNorm then RoPE of q [R, H, hd] and k [R, Hkv, hd]; cos, ssin [R, 1, hd]."""
+    q = rope(F.rms_norm(q, (q.shape[-1],), qw, q_eps), cos, ssin)
+    k = rope(F.rms_norm(k, (k.shape[-1],), kw, k_eps), cos, ssin)
+    return q, k
+
+
+def qkv_rope(qkv, cos, ssin):
+    """Vision q, k of qkv [R, 3, H, hd] rotated (each [R, H, hd]); cos, ssin [R, 1, 1, hd]."""
+    return rope(qkv[:, :2], cos, ssin).unbind(1)
+
+
+def silu_mul(g, u):
+    """SiLU(g) · u (the gated MLP's product)."""
+    return F.silu(g) * u
+
+
+STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_rope, silu_mul)}
+
+
+class _Steps:
+    """A namespace of the steps (attribute access for the runner's loop)."""
+
+    def __init__(self, table: dict[str, Callable], fused: bool):
+        self.__dict__.update(table)
+        self.fused = fused
+
+
+EAGER = _Steps(STEPS, fused=False)
+
+
+# ------------------------------------------------------------------ compiled steps (one process-wide set)
+
+def compile_cache_dir() -> str:
+    """Where inductor keeps its caches: $ZIMAGE_VL_COMPILE_CACHE, else $XDG_CACHE_HOME (~/.cache)/comfyui-zimage-vl/inductor."""
+    path = os.environ.get(ENV_CACHE)
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "comfyui-zimage-vl", "inductor")
+    return path
+
+
+def _use_cache_dir() -> None:
+    """Point inductor's on-disk caches at compile_cache_dir() unless the user chose one (TORCHINDUCTOR_CACHE_DIR)."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        path = compile_cache_dir()
+        os.makedirs(path, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    import torch._inductor.config as inductor_config
+
+    if os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") is None:      # the user's explicit choice wins
+        inductor_config.fx_graph_cache = True
+    try:
+        import torch._functorch.config as functorch_config
+
+        if os.environ.get("TORCHINDUCTOR_AUTOGRAD_CACHE") is None:
+            functorch_config.enable_autograd_cache = True
+    except (ImportError, AttributeError):
+        pass
+
+
+class _Compiler:
+    """The compiled twins (created on first use) and which keys were warmed (compiled + run once) so far."""
+
+    SWITCH_INTERVAL = 0.0005     # s: the interpreter's GIL switch interval during a background compile
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.steps: _Steps | None = None
+        self.warmed: set = set()
+        self.pending: Hashable | None = None     # key being compiled in the background thread
+        self.thread: threading.Thread | None = None
+        self.failed: str | None = None
+        self.seconds: dict = {}                 # key -> compile (warm-up) wall time
+
+    def compiled(self) -> _Steps:
+        if self.steps is None:
+            self.steps = _Steps({name: torch.compile(fn, fullgraph=True) for name, fn in STEPS.items()}, fused=True)
+        return self.steps
+
+    def warm(self, key: Hashable, examples: dict, device: torch.device) -> None:
+        """Compile and run every step once on `examples` (name -> args; rows marked dynamic); record the key or
+        the failure."""
+        import time
+
+        t0 = time.perf_counter()
+        interval = sys.getswitchinterval()
+        if threading.current_thread() is not threading.main_thread():   # hand the GIL back to the caller's thread
+            sys.setswitchinterval(min(interval, self.SWITCH_INTERVAL))   # quickly while compiling (default 5 ms)
+        try:
+            _use_cache_dir()
+            steps = self.compiled()
+            guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+            with guard, torch.inference_mode():
+                for name, args in examples.items():
+                    for a in args:
+                        if isinstance(a, torch.Tensor) and a.ndim >= 2:
+                            torch._dynamo.maybe_mark_dynamic(a, 0)
+                    getattr(steps, name)(*args)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            with self.lock:
+                self.warmed.add(key)
+                self.seconds[key] = time.perf_counter() - t0
+            log.info("Qwen3-VL runner: fused kernels ready in %.1f s (cache %s)", self.seconds[key],
+                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        except Exception as e:  # noqa: BLE001 - fusion is an optimisation: fall back to eager for good
+            self.failed = f"{type(e).__name__}: {e}"
+            log.warning("Qwen3-VL runner: torch.compile of the fused steps failed (%s); running eagerly", self.failed)
+        finally:
+            sys.setswitchinterval(interval)
+            with self.lock:
+                self.pending = None
+
+
+_COMPILER = _Compiler()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mode_from_env(value: str | None = None) -> str:
+    """The mode ZIMAGE_VL_COMPILE asks for (unset: "auto")."""
+    value = (os.environ.get(ENV_MODE, "auto") if value is None else value).strip().lower()
+    return {"0": "off", "false": "off", "no": "off", "": "auto", "1": "on", "true": "on", "yes": "on"}.get(value, value)
+
+
+class Fusion:
+    """A runner's fusion setting (mode) over the process-wide compiled steps.
+
+    ops(key, device) -> the steps to use now; after_encode(key, device, examples) starts the compile where wanted.
+    """
+
+    def __init__(self, mode: str | None = None):
+        mode = mode_from_env(mode)
+        require_choice(f"fusion mode ({ENV_MODE})", mode, MODES)
+        self.mode = mode
+        self.uncaptured = mode in ("on", "sync")     # compiled steps also in forwards not captured as a CUDA graph
+
+    def wanted(self, device: torch.device) -> bool:
+        """Compilation applies here: not off, no earlier failure, CUDA with Triton (any device in mode on/sync)."""
+        if self.mode == "off" or _COMPILER.failed is not None:
+            return False
+        if self.mode == "auto":
+            return device.type == "cuda" and _triton_available()
+        return device.type == "cuda" or device.type == "cpu"
+
+    @staticmethod
+    def busy() -> bool:
+        """A background compile is running (the runner captures no CUDA graph meanwhile)."""
+        return _COMPILER.pending is not None
+
+    def ops(self, key: Hashable, device: torch.device) -> _Steps:
+        """The compiled steps if `key` is warmed and fusion is wanted, else the eager twins."""
+        if key in _COMPILER.warmed and self.wanted(device):
+            return _COMPILER.compiled()
+        return EAGER
+
+    def after_encode(self, key: Hashable, device: torch.device, examples: Callable[[], dict]) -> None:
+        """After an eager encode: compile for `key` (background thread; inline in mode "sync") unless done or running.
+        examples() (step name -> args: this encode's shapes) is called here, in the caller's thread."""
+        if not self.wanted(device) or key in _COMPILER.warmed:
+            return
+        with _COMPILER.lock:
+            if _COMPILER.pending is not None:
+                return
+            _COMPILER.pending = key
+        try:
+            with torch.inference_mode():
+                examples = examples()
+        except Exception:
+            _COMPILER.pending = None
+            raise
+        if self.mode == "sync":
+            _COMPILER.warm(key, examples, device)
+            return
+        _COMPILER.thread = threading.Thread(target=_COMPILER.warm, args=(key, examples, device),
+                                            name="zimage-vl-compile", daemon=True)
+        _COMPILER.thread.start()
+
+    @staticmethod
+    def wait(timeout: float | None = None) -> bool:
+        """Block until a background compile finishes (benchmarks / tests); True if none is running afterwards."""
+        thread = _COMPILER.thread
+        if thread is not None:
+            thread.join(timeout)
+        return _COMPILER.pending is None
+
+    @staticmethod
+    def status() -> dict:
+        """What the compiler did: warmed keys' compile seconds, failure reason, whether one is running."""
+        return {"warmed": len(_COMPILER.warmed), "seconds": list(_COMPILER.seconds.values()),
+                "failed": _COMPILER.failed, "running": _COMPILER.pending is not None}
