@@ -96,8 +96,9 @@ def test_fallback_is_eager_when_compile_is_off(hf_encoder, monkeypatch):
     enc = tq.TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, source=hf_encoder.source)
     runner = enc.fast_runner()
     cpu = torch.device("cpu")
-    assert runner.fusion.mode == "auto" and not runner.fusion.wanted(cpu)     # the CPU default: eager
-    assert not runner.fusion.uncaptured and fusion.Fusion("sync").uncaptured   # auto: compiled only in CUDA graphs
+    assert runner.fusion.mode == "off" and not runner.fusion.wanted(torch.device("cuda"))  # opt-in (see fusion.py)
+    assert not fusion.Fusion("auto").wanted(cpu)                                 # auto on the CPU: eager
+    assert not fusion.Fusion("auto").uncaptured and fusion.Fusion("sync").uncaptured  # auto: only in CUDA graphs
     monkeypatch.setenv(fusion.ENV_MODE, "0")
     off = fusion.Fusion()
     assert off.mode == "off" and not off.wanted(cpu) and not off.wanted(torch.device("cuda"))

@@ -327,3 +327,18 @@ def test_a_four_channel_latent_is_refused(host, base):
         apply(host, base, None, method="reference_attention", reference=sd)
     with pytest.raises(ValueError, match="holds 2 latents"):
         apply(host, base, None, method="reference_attention", reference={"samples": host.torch.zeros(2, 16, 8, 8)})
+
+
+# --------------------------------------------------------------------------- chaining the new methods
+
+def test_new_methods_chain_both_act_and_commute_on_disjoint_blocks(host, base, vl, ref_latent, direction):
+    torch = host.torch
+    first = dict(method="reference_attention", reference=ref_latent, block_weights="0-1", strength=0.8)
+    second = dict(method="steer_image", direction=direction, block_weights="2-3", strength=0.4)
+    a = apply(host, base, None, node_id="a", **first)
+    b = apply(host, base, None, node_id="b", **second)
+    ab = apply(host, a, None, node_id="b", **second)
+    ba = apply(host, b, None, node_id="a", **first)
+    out = {k: host.sample(m, steps=2, size=SMALL) for k, m in (("a", a), ("b", b), ("ab", ab), ("ba", ba))}
+    assert not torch.allclose(out["ab"], out["a"]) and not torch.allclose(out["ab"], out["b"])
+    assert torch.allclose(out["ab"], out["ba"], atol=1e-5 * float(out["ab"].abs().max()))
