@@ -1,5 +1,5 @@
 """DiT Layer Injection, second generation, through the REAL ComfyUI server (conftest.py) on tiny models: the shipped
-reference-attention and two-regions workflows; reference_attention from a LATENT (VAEEncode) and from an IMAGE + VAE;
+reference-attention, two-regions and composition + style workflows; reference_attention from a LATENT (VAEEncode) and from an IMAGE + VAE;
 a masked extra_attention; steer_image with a direction from VL Steering Direction. Strength 0 or an all-zero mask is
 the plain model bit for bit; the refusals are node errors."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from tools.host_harness import (add_node, load_api_workflow, node_of, nodes_of, 
 
 REFERENCE = "zimage_vl_reference_attention"
 REGIONS = "zimage_vl_two_regions"
+COMPOSITION = "zimage_vl_composition_style"
 IMAGES = ["test_scene.png", "style_watercolor_forest.png", "purple_hexagon.png"]
 SIZE = 128
 SEED = 1234
@@ -114,6 +115,27 @@ def test_a_four_channel_sd_latent_is_refused(comfy_server):
     p[ids["inject"][0]]["inputs"]["reference"] = [sd, 0]
     text = node_error(comfy_server, p, ids)
     assert "4 channels" in text and "16" in text, text
+
+
+# --------------------------------------------------------------------------- chained references
+
+def test_composition_and_style_injections_both_act(comfy_server):
+    """The shipped chain (composition early, style late) with the tiny model's two blocks standing in for the
+    presets ('late' selects no block of a 2-block model): the result differs from each injection alone."""
+    s = comfy_server
+    p, ids = tiny(s, COMPOSITION)
+    first, second = ids["inject"]
+    assert p[second]["inputs"]["model"] == [first, 0] and p[ids["sampler"]]["inputs"]["model"] == [second, 0]
+    assert (p[first]["inputs"]["block_weights"], p[second]["inputs"]["block_weights"]) == ("early", "late")
+    p[first]["inputs"]["block_weights"], p[second]["inputs"]["block_weights"] = "0", "1"
+    both = run(s, p, ids)
+    composition_only = run(s, sample_from(p, ids, first), ids)
+    style_only = dict(p)
+    style_only[second] = {**p[second], "inputs": {**p[second]["inputs"], "model": [ids["ms"], 0]}}
+    style_only = run(s, sample_from(style_only, ids, second), ids)
+    base = plain(s, COMPOSITION)
+    assert differs(composition_only, base) and differs(style_only, base)
+    assert differs(both, composition_only) and differs(both, style_only)
 
 
 # --------------------------------------------------------------------------- regions (masked extra_attention)
