@@ -70,7 +70,8 @@ class AttentionMethod(Method):
             embedded = [embed_like_caption(st.dit, t.to(device=device, dtype=dtype), st.opts) for t in parts]
             hidden = torch.cat([e[0][:, :t.shape[1]] for e, t in zip(embedded, parts)], dim=1)
             freqs = torch.cat([e[1][:, :t.shape[1]] for e, t in zip(embedded, parts)], dim=1)
-            return hidden, freqs, pos.shape[1], inject_extra.span_key_bias(spans, pos.shape[1])
+            bias = inject_extra.span_key_bias(spans, pos.shape[1])
+            return hidden, freqs, pos.shape[1], None if bias is None else bias.to(device)
 
         return inj.cached(("attention", id(st.dit), str(device), dtype), st.uuid, make)
 
@@ -105,8 +106,10 @@ class AttentionMethod(Method):
             raise RuntimeError("DiT Layer Injection: the noise_refiner patch did not record the adaLN input; "
                                "another node replaced Z-Image's noise refiner patches")
 
+        base = getattr(func, "zimage_vl_base", func)  # an outer concat's biased func is for the block's own keys
+
         def host_attention(q_, k_, v_, mask):
-            return func(q_, k_, v_, heads, mask, skip_reshape=True, transformer_options=to, _inside_attn_wrapper=True)
+            return base(q_, k_, v_, heads, mask, skip_reshape=True, transformer_options=to, _inside_attn_wrapper=True)
 
         s = inj.settings
         start = q.shape[2] - st.img_len
@@ -118,20 +121,17 @@ class AttentionMethod(Method):
             if q_ref is not None:
                 q_img = inject_extra.adain_tokens(q_img, q_ref)
             sources = [ref_src] + sources
+        replace = None
         if s.share == "joint":
             k_own = inject.gather_rows(args[1], st.rows)
             v_own = inject.gather_rows(args[2], st.rows)
             if ref is not None and ref[1] is not None:  # StyleAligned: own image keys toward the reference's too
                 k_own = k_own.clone()
                 k_own[:, :, start:] = inject_extra.adain_tokens(k_own[:, :, start:], ref_src.k)
-            joint = inject_extra.joint_attention(host_attention, q_img, k_own, v_own, sources[0], w)
-            delta = joint - inject.gather_rows(out, st.rows)[:, start:]
-            rest = inject_extra.added_attention(host_attention, q_img, sources[1:], w, s.kv_scale)
-            if rest is not None:
-                delta = delta + rest
-        else:
-            delta = inject_extra.added_attention(host_attention, q_img, sources, w, s.kv_scale)
-        return inject_extra.add_to_image_tokens(out, delta, st.rows, start, st.token_weights)
+            replace = inject_extra.joint_attention(host_attention, q_img, k_own, v_own, sources[0], w)
+            sources = sources[1:]
+        terms = inject_extra.attention_terms(host_attention, q_img, sources, w, s.kv_scale)
+        return inject_extra.accumulate_(out, terms, st.rows, start, st.token_weights, replace)
 
 
 class ExtraAttention(AttentionMethod):

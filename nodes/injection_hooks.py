@@ -263,37 +263,21 @@ class Injection:
 
     # -- the attention override (installed per call by methods that need it) ---------
     def attention_override(self, func, *args, **kwargs):
+        """Down the chain: a method's inner_attention (concat's bias) replaces func for the overrides below;
+        after it: the method's attention(…) adds to the output. Outside a selected main block: unchanged."""
         to = kwargs.get("transformer_options") or {}
         st = self.state_in(to)
         prev = st.prev_override if st is not None else None
-        out = prev(func, *args, **kwargs) if prev is not None else func(*args, **kwargs)
-        if st is None or to.get("block_type") != "double":
-            return out
+        acting = st is not None and to.get("block_type") == "double"
         i = to.get("block_index")
-        w = self.block_weight(st, i)
-        if w == 0.0 and not self.method.traits.log_strength:  # a log-strength 0 still acts: log 0 = −inf
+        w = self.block_weight(st, i) if acting else 0.0
+        inner = getattr(self.method, "inner_attention", None)
+        if acting and inner is not None:  # a log-strength 0 still acts: log 0 = −inf
+            func = inner(self, st, func, w)
+        out = prev(func, *args, **kwargs) if prev is not None else func(*args, **kwargs)
+        if not acting or w == 0.0 or self.method.attention is None:
             return out
         return self.method.attention(self, st, func, out, w, i, args, kwargs, to)
-
-
-def host_override(to: dict):
-    """The attention override under every injection's own in this call (another pack's, or None)."""
-    override = to.get("optimized_attention_override")
-    states = to.get(STATE_KEY) or {}
-    while override is not None and isinstance(getattr(override, "__self__", None), Injection):
-        st = states.get(override.__self__.key)
-        override = st.prev_override if st is not None else None
-    return override
-
-
-def plain_options(to: dict) -> dict:
-    """transformer_options for a pass of the model's own layers that no injection acts on (a reference's):
-    no per-call states or block keys, the host's attention override only."""
-    opts = {k: v for k, v in to.items() if k not in BLOCK_KEYS and k not in (STATE_KEY, "optimized_attention_override")}
-    override = host_override(to)
-    if override is not None:
-        opts["optimized_attention_override"] = override
-    return opts
 
 
 class Hook:

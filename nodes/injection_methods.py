@@ -64,18 +64,22 @@ class CaptionStream(Method):
 class Concat(Method):
     traits = MethodTraits("concat", log_strength=True)
 
-    def attention(self, inj, st, func, out, w, i, args, kwargs, to):
-        """The block's attention again with log(w) added to the appended tokens' logits (w = 1: as it was;
-        w = 0: the block ignores them)."""
+    def inner_attention(self, inj, st, func, w):
+        """The block's own attention with log(w) added to the appended tokens' logits (w = 1: func itself; w = 0:
+        the block ignores them), handed down the override chain so other overrides see the biased attention."""
         if w == 1.0:
-            return out
-        q, k, v = args[:3]
-        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+            return func
         start, n = st.vl
-        bias = torch.zeros(k.shape[2], device=q.device, dtype=q.dtype)
-        bias[start:start + n] = math.log(w) if w > 0 else -math.inf
-        mask = bias.view(1, 1, 1, -1).expand(q.shape[0], 1, q.shape[2], -1)
-        return func(q, k, v, heads, mask, skip_reshape=True, transformer_options=to, _inside_attn_wrapper=True)
+        value = math.log(w) if w > 0 else -math.inf
+
+        def biased(q, k, v, heads, mask=None, *args, **kwargs):
+            bias = torch.zeros(k.shape[2], device=q.device, dtype=q.dtype)
+            bias[start:start + n] = value
+            full = bias.view(1, 1, 1, -1).expand(q.shape[0], 1, q.shape[2], -1)
+            return func(q, k, v, heads, full if mask is None else full + mask, *args, **kwargs)
+
+        biased.zimage_vl_base = getattr(func, "zimage_vl_base", func)  # for other attention over other keys
+        return biased
 
     def run(self, inj, call, rows):
         # the caption length must be decided before the call: read the sigma now (no read when always on)

@@ -5,7 +5,7 @@ Notation as in inject.py: q [B, H, Lq, d] image queries, k/v [1|B, H, N, d] keys
 a reference latent's image tokens), w the block's weight (strength × block weight × step factor).
 
     add      out_img += w · m ⊙ Σ_s sign_s · softmax(q·k_sᵀ/√d + b_s)·v_s            (separate softmax per source)
-    joint    out_img += m ⊙ (softmax([q·k_ownᵀ; q·k_refᵀ + log w]/√d)·[v_own; v_ref] − out_img)   (one softmax)
+    joint    out_img ← lerp(out_img, softmax([q·k_ownᵀ; q·k_refᵀ + log w]/√d)·[v_own; v_ref], m)  (one softmax)
     m        per image-token weights in [0, 1] from a MASK (1 everywhere without one)
     b_s      log(w_i / max w) on the keys of reference i (several references, one softmax, weights as masses)
 """
@@ -55,8 +55,10 @@ def rows_token_weights(weights: torch.Tensor, rows: Rows, batch: int, chunks: in
     if weights.shape[0] not in (1, per_chunk):
         raise ValueError(f"mask has a batch of {weights.shape[0]}, the latent a batch of {per_chunk}: give one mask "
                          "for all latents or one per latent")
-    index = torch.cat([torch.arange(s, e) for s, e in rows]) % per_chunk
-    return weights[index.clamp_max(weights.shape[0] - 1)]
+    if weights.shape[0] == 1:
+        return weights.expand(sum(e - s for s, e in rows), -1)
+    index = torch.cat([torch.arange(s, e, device=weights.device) for s, e in rows]) % per_chunk  # no host copy
+    return weights[index]
 
 
 def span_key_bias(spans: SpanWeights, n: int) -> torch.Tensor | None:
@@ -107,25 +109,28 @@ def adain_tokens(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch
 
 
 def attend(attention: Callable, q: torch.Tensor, src: Source) -> torch.Tensor:
-    """softmax(q·kᵀ/√d + bias)·v → [B, Lq, H·d] through `attention(q, k, v, mask)` (bias as a broadcast mask)."""
+    """softmax(q·kᵀ/√d + bias)·v → [B, Lq, H·d] through `attention(q, k, v, mask)` (bias as a broadcast mask, on
+    q's device already: a per-block host→device copy would stall the pipeline)."""
     k, v = src.k, src.v
     if k.shape[0] != q.shape[0]:
         k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
     mask = None
     if src.bias is not None:
-        mask = src.bias.to(device=q.device, dtype=q.dtype).view(1, 1, 1, -1).expand(q.shape[0], 1, q.shape[2], -1)
+        mask = src.bias.to(dtype=q.dtype).view(1, 1, 1, -1).expand(q.shape[0], 1, q.shape[2], -1)
     return attention(q, k, v, mask)
 
 
-def added_attention(attention: Callable, q: torch.Tensor, sources: Sequence[Source], weight: float,
-                    kv_scale: str) -> torch.Tensor | None:
-    """Σ_s sign_s · factor · attn(q, source_s) (scaled_source per source), [B, Lq, H·d]; None without sources."""
-    total = None
+Term = tuple[torch.Tensor, float]  # (attention output [Σrows, Lq, H·d], coefficient) of out += coefficient · output
+
+
+def attention_terms(attention: Callable, q: torch.Tensor, sources: Sequence[Source], weight: float,
+                    kv_scale: str) -> list[Term]:
+    """[(attn(q, source_s), sign_s · factor)] per source (scaled_source): out += Σ_s sign_s·factor·attn_s."""
+    terms = []
     for src in sources:
         scaled, factor = scaled_source(src, weight, kv_scale)
-        term = attend(attention, q, scaled) * (factor * src.sign)
-        total = term if total is None else total + term
-    return total
+        terms.append((attend(attention, q, scaled), factor * src.sign))
+    return terms
 
 
 def joint_attention(attention: Callable, q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor,
@@ -135,27 +140,40 @@ def joint_attention(attention: Callable, q: torch.Tensor, k_own: torch.Tensor, v
         raise ValueError(f"share=joint needs a positive weight (its log is the reference bias), got {weight}")
     b = q.shape[0]
     k_ref, v_ref = ref.k.expand(b, -1, -1, -1), ref.v.expand(b, -1, -1, -1)
-    n_own, n_ref = k_own.shape[2], k_ref.shape[2]
-    bias = torch.zeros(n_own + n_ref, device=q.device, dtype=torch.float32)
-    bias[n_own:] = math.log(weight)
-    if ref.bias is not None:
-        bias[n_own:] += ref.bias.to(bias.device)
-    src = Source(torch.cat([k_own, k_ref], dim=2), torch.cat([v_own, v_ref], dim=2), bias if bool(bias.any()) else None)
-    return attend(attention, q, src)
+    n_own = k_own.shape[2]
+    bias = None
+    if weight != 1.0 or ref.bias is not None:  # decided on the host: no device read
+        bias = torch.zeros(n_own + k_ref.shape[2], device=q.device, dtype=torch.float32)
+        bias[n_own:] = math.log(weight)
+        if ref.bias is not None:
+            bias[n_own:] += ref.bias.to(bias.device)
+    return attend(attention, q, Source(torch.cat([k_own, k_ref], dim=2), torch.cat([v_own, v_ref], dim=2), bias))
 
 
-def add_to_image_tokens(out: torch.Tensor, delta: torch.Tensor, rows: Rows, start: int,
-                        token_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """out[rows, start:] += m ⊙ delta (delta [Σrows, L − start, C] stacked in row-run order, m [Σrows, L − start]
-    or None = 1); in place when allowed, else on a copy. A zero weight leaves that token's value bit for bit."""
+def accumulate_(out: torch.Tensor, terms: Sequence[Term], rows: Rows, start: int,
+                token_weights: torch.Tensor | None = None, replace: torch.Tensor | None = None) -> torch.Tensor:
+    """On out[rows, start:] (each term stacked in row-run order, m [Σrows, L − start] or None = 1):
+    x ← x + m ⊙ (replace − x) when `replace` is given (torch.lerp), then x ← x + Σ c·m ⊙ attn (add_ / addcmul_:
+    no temporary per term). In place when allowed, else on a copy; m = 0 leaves a token bit for bit."""
     if not inplace_ok(out):
         out = out.clone()
-    if token_weights is not None:
-        delta = delta * token_weights[..., None].to(delta.dtype)
     offset = 0
     for s, e in rows:
         n = e - s
-        out[s:e, start:].add_(delta[offset:offset + n].to(out.dtype))
+        part = out[s:e, start:]
+        m = None if token_weights is None else token_weights[offset:offset + n, :, None].to(out.dtype)
+        if replace is not None:
+            end = replace[offset:offset + n].to(out.dtype)
+            if m is None:
+                part.copy_(end)
+            else:
+                part.lerp_(end, m)
+        for attn, coef in terms:
+            piece = attn[offset:offset + n].to(out.dtype)
+            if m is None:
+                part.add_(piece, alpha=coef)
+            else:
+                part.addcmul_(piece, m, value=coef)
         offset += n
     return out
 
@@ -179,6 +197,6 @@ def query_rows(q: torch.Tensor, rows: Rows, start: int) -> torch.Tensor:
     return gather_rows(q, rows)[:, :, start:]
 
 
-__all__ = ["KV_SCALES", "SHARES", "Source", "SpanWeights", "add_to_image_tokens", "added_attention",
-           "adain_tokens", "attend", "joint_attention", "mask_token_weights", "pool_spans", "query_rows",
+__all__ = ["KV_SCALES", "SHARES", "Source", "SpanWeights", "Term", "accumulate_", "adain_tokens", "attend",
+           "attention_terms", "joint_attention", "mask_token_weights", "pool_spans", "query_rows",
            "rows_token_weights", "scaled_source", "span_key_bias", "steer_tokens"]

@@ -110,7 +110,6 @@ def test_width_mismatch_is_a_node_error_naming_both_widths(comfy_server):
 
 
 @pytest.mark.parametrize("settings, match", [(dict(block_weights="5"), "2 main blocks"),
-                                             (dict(strength=0.0), "patch nothing"),
                                              (dict(start_percent=0.5, end_percent=0.5), "start_percent")])
 def test_bad_settings_are_node_errors(comfy_server, settings, match):
     p, ids = tiny_injection_prompt(comfy_server, **settings)

@@ -56,11 +56,21 @@ PACK_NODES = {
     },
     "ZImageVL_DiTInjection": {
         "inputs": {"model": None, "vl_embeds": None,
-                   "method": {"options": ["extra_attention", "caption_stream", "concat"]},
-                   "strength": None, "block_weights": {"default": "all"}, "caption_mode": None,
+                   "method": {"options": ["extra_attention", "caption_stream", "concat", "reference_attention",
+                                          "steer_caption", "steer_image"]},
+                   "strength": {"default": 0.5}, "block_weights": {"default": "all"},
+                   "caption_mode": {"options": ["lerp", "add"]},
                    "start_percent": {"default": 0.0}, "end_percent": {"default": 1.0},
                    "schedule": {"options": ["constant", "linear_up", "linear_down", "cosine"]},
-                   "apply_to": None, "token_budget": None, "vl_rope": None},
+                   "apply_to": {"options": ["cond_only", "both"]}, "token_budget": {"default": 256},
+                   "vl_rope": {"default": "none", "options": ["none", "caption"]},
+                   "negative_weight": {"default": 1.0}, "kv_scale": {"default": "v", "options": ["v", "k_and_v"]},
+                   "share": {"default": "add", "options": ["add", "joint"]},
+                   "reference_noise": {"default": "matched", "options": ["matched", "clean"]},
+                   "reference_adain": {"default": False}, "reference_seed": {"default": 0},
+                   "negative_vl_embeds": None, "reference": None, "reference_image": None, "vae": None,
+                   "mask": None, "direction": None},
+        "optional": {"vl_embeds", "negative_vl_embeds", "reference", "reference_image", "vae", "mask", "direction"},
         "outputs": ["MODEL"],
     },
     "ZImageVL_EmbeddingBlend": {
@@ -465,6 +475,43 @@ def test_workflows_are_served_as_pack_templates(comfy_server):
 
 
 # --------------------------------------------------------------------------- shipped workflows, tiny models
+
+TINY_IMAGES = ["test_scene.png", "purple_hexagon.png", "style_pixel_art.png", "style_watercolor_forest.png"]
+TINY_SIZE = 64
+
+
+def tiny_shipped_prompt(server, name: str) -> dict:
+    """A shipped API workflow as is, on tiny models: its pictures staged (one per LoadImage), 64² output (and
+    ImageScale), 2 steps, few VL tokens, short optimisation / calibration loops; every other input as shipped."""
+    p = swap_loaders_for_tiny(load_api_workflow(name), seed=0)
+    for k, nid in enumerate(sorted(nodes_of(p, "LoadImage"), key=int)):
+        p[nid]["inputs"]["image"] = server.stage_ref_image(TINY_IMAGES[k % len(TINY_IMAGES)], size=TINY_SIZE)
+    edits = {"EmptySD3LatentImage": dict(width=TINY_SIZE, height=TINY_SIZE), "ImageScale": dict(width=TINY_SIZE,
+             height=TINY_SIZE), "KSampler": dict(seed=SEED, steps=2), "ZImageVL_Encode": dict(max_image_tokens=64),
+             "ZImageVL_SteeringDirection": dict(max_image_tokens=64), "ZImageVL_GramMatch": dict(steps=10),
+             "ZImageVL_FitCalibration": dict(max_prompts=6)}
+    for class_type, values in edits.items():
+        if nodes_of(p, class_type):
+            set_inputs(p, class_type, **values)
+    return p
+
+
+@pytest.mark.parametrize("name", api_workflow_names())
+def test_every_shipped_api_workflow_runs_on_tiny_models(comfy_server, name):
+    """Each API workflow, unchanged but for the tiny models and sizes, runs in the real host and saves its
+    pictures at the output size."""
+    from PIL import Image
+    p = tiny_shipped_prompt(comfy_server, name)
+    entry = comfy_server.submit(p)
+    saves = nodes_of(p, "SaveImage")
+    assert saves, f"{name} saves nothing"
+    for nid in saves:
+        for f in _image_outputs(comfy_server, entry, nid):
+            with Image.open(f) as im:
+                assert im.size == (TINY_SIZE, TINY_SIZE), (name, nid, im.size)
+    for nid in nodes_of(p, "PreviewImage"):
+        assert _image_outputs(comfy_server, entry, nid), (name, nid)
+
 
 def test_style_reference_workflow_runs_on_tiny_models(comfy_server):
     p, ids = tiny_style_prompt(comfy_server)

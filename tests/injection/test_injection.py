@@ -319,7 +319,8 @@ def test_concat_equals_appending_the_pooled_tokens_to_the_conditioning(host, bas
     pooled = host.injection.pooling.match_length(vl.tokens().float(), budget, "pool")
     appended = [[torch.cat([cond[0][0], pooled], dim=1), {}]]
     want = host.sample(base, steps=3, positive=appended)
-    got = host.sample(apply(host, base, vl, method="concat", token_budget=budget), steps=3, positive=cond)
+    got = host.sample(apply(host, base, vl, method="concat", token_budget=budget, strength=1.0), steps=3,
+                      positive=cond)  # strength 1: no log-strength bias
     assert bits_equal(got, want)
     assert not bits_equal(got, host.sample(base, steps=3, positive=cond))
 

@@ -342,3 +342,23 @@ def test_new_methods_chain_both_act_and_commute_on_disjoint_blocks(host, base, v
     out = {k: host.sample(m, steps=2, size=SMALL) for k, m in (("a", a), ("b", b), ("ab", ab), ("ba", ba))}
     assert not torch.allclose(out["ab"], out["a"]) and not torch.allclose(out["ab"], out["b"])
     assert torch.allclose(out["ab"], out["ba"], atol=1e-5 * float(out["ab"].abs().max()))
+
+
+@pytest.mark.parametrize("order", ["attention_first", "concat_first"])
+def test_a_biased_concat_chained_with_extra_attention_keeps_both(host, base, vl, order):
+    """concat's log-strength bias is handed down the override chain: an attention injection on either side of it
+    still acts (its own extra attention runs over its own keys, unbiased)."""
+    torch = host.torch
+    other = host.make_vl(tokens=24, seed=41)
+    attn = dict(method="extra_attention", strength=0.9, token_budget=16)
+    cat = dict(method="concat", strength=0.4, token_budget=8)
+    steps = [(vl, "a", attn), (other, "c", cat)]
+    if order == "concat_first":
+        steps.reverse()
+    model = base
+    for v, key, kw in steps:
+        model = apply(host, model, v, node_id=key, **kw)
+    both = host.sample(model, steps=2, size=SMALL)
+    alone = {key: host.sample(apply(host, base, v, node_id=key, **kw), steps=2, size=SMALL) for v, key, kw in steps}
+    for key, out in alone.items():
+        assert not torch.allclose(both, out), key

@@ -1,4 +1,6 @@
-"""The embedding-level techniques reproduce their recorded outputs bit for bit.
+"""The embedding-level techniques reproduce their recorded outputs (to float rounding: same dtype and shape,
+values within a few ulps — CPU kernel paths differ between machines, e.g. AVX2 vs AVX-512 reductions, so the
+bits recorded on one machine are not the bits of another; measured on an AVX-512 EPYC: ≤ 1 ulp-scale).
 
 tests/data/embedding_golden.safetensors holds fixed inputs, the settings of 158 node runs (Embedding Blend
 over every mode × length × normalize, Style Delta, AdaIN) and their outputs, plus VL Inspect's reports.
@@ -92,6 +94,15 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.contiguous().view(ints[a.element_size()]), b.contiguous().view(ints[b.element_size()])))
 
 
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype and shape, and |a − b| ≤ 4 ulps of the dtype at the tensor's scale (NaN/Inf where the other has)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    eps = torch.finfo(a.dtype).eps
+    scale = max(1.0, float(b.float().abs().max())) if b.numel() else 1.0
+    return torch.allclose(a.float(), b.float(), rtol=4 * eps, atol=4 * eps * scale, equal_nan=True)
+
+
 def recorded():
     with safe_open(str(FIXTURE), "pt") as f:
         meta = f.metadata()
@@ -104,7 +115,7 @@ def assert_outputs_match(i: int, kind: str, settings: dict, out: list, tensors: 
     assert len(out) == 2, (kind, settings)
     for j, (tensor, options) in enumerate(out):
         want = tensors[f"out.{i}.{j}"]
-        assert bits_equal(tensor, want), (f"{kind} {settings} entry {j}: max |diff| "
+        assert close(tensor, want), (f"{kind} {settings} entry {j}: max |diff| "
                                           f"{(tensor.float() - want.float()).abs().max() if tensor.shape == want.shape else tensor.shape}")
         assert (f"mask.{i}.{j}" in tensors) == ("attention_mask" in options)
         if "attention_mask" in options:
@@ -131,7 +142,7 @@ def test_recipes_reproduce_the_recorded_outputs():
     for i, (kind, settings) in enumerate(cases_):
         for j, (text, _) in enumerate(conditioning(t)):
             got, want = RECIPES[kind](text, t, settings), tensors[f"out.{i}.{j}"]
-            assert bits_equal(got, want), (kind, settings, j)
+            assert close(got, want), (kind, settings, j)
 
 
 def test_recorded_outputs_are_not_trivial():

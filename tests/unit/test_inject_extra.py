@@ -65,14 +65,18 @@ def test_pool_spans_never_mixes_references():
     assert same is tokens and same_spans == [((0, 40), 1.0)]
 
 
+def summed(terms):
+    return sum(attn * coef for attn, coef in terms)
+
+
 def test_kv_scales():
     q, k, v = qkv()
     attn = lambda q_, k_, v_, m: sdpa(q_, k_.expand(q_.shape[0], -1, -1, -1), v_.expand(q_.shape[0], -1, -1, -1), m)
     src = X.Source(k, v)
     w = 1.7
-    by_v = X.added_attention(attn, q, [src], w, "v")
+    by_v = summed(X.attention_terms(attn, q, [src], w, "v"))
     assert torch.allclose(by_v, w * attn(q, k, v, None), atol=1e-6)
-    by_kv = X.added_attention(attn, q, [src], w, "k_and_v")
+    by_kv = summed(X.attention_terms(attn, q, [src], w, "k_and_v"))
     assert torch.allclose(by_kv, w * attn(q * w, k, v, None), atol=1e-5)  # softmax(q·(wk)ᵀ) = softmax((wq)·kᵀ)
     assert not torch.allclose(by_kv, by_v)
     with pytest.raises(ValueError, match="kv_scale"):
@@ -82,9 +86,12 @@ def test_kv_scales():
 def test_a_negative_equal_to_the_positive_cancels_exactly():
     q, k, v = qkv()
     attn = lambda q_, k_, v_, m: sdpa(q_, k_.expand(q_.shape[0], -1, -1, -1), v_.expand(q_.shape[0], -1, -1, -1), m)
-    out = X.added_attention(attn, q, [X.Source(k, v), X.Source(k, v, None, -1.0)], 0.8, "v")
-    assert torch.equal(out, torch.zeros_like(out))
-    half = X.added_attention(attn, q, [X.Source(k, v), X.Source(k, v, None, -0.5)], 0.8, "v")
+    out = torch.randn(2, 9, 8)
+    before = out.clone()
+    terms = X.attention_terms(attn, q, [X.Source(k, v), X.Source(k, v, None, -1.0)], 0.8, "v")
+    X.accumulate_(out, terms, [(0, 2)], 3)
+    assert torch.allclose(out, before, atol=1e-6)  # + w·a − w·a
+    half = summed(X.attention_terms(attn, q, [X.Source(k, v), X.Source(k, v, None, -0.5)], 0.8, "v"))
     assert torch.allclose(half, 0.4 * attn(q, k, v, None), atol=1e-6)
 
 
@@ -110,16 +117,30 @@ def test_adain_takes_the_reference_statistics():
     assert torch.allclose(out.std(-2, correction=0), ref.std(-2, correction=0).expand(2, -1, -1), atol=1e-3)
 
 
-def test_add_to_image_tokens_leaves_zero_weight_tokens_bit_identical():
+def test_accumulate_leaves_zero_weight_tokens_bit_identical():
     out = torch.randn(3, 10, 4)
     before = out.clone()
     delta = torch.randn(2, 6, 4)
     weights = torch.tensor([[1.0, 0.0, 0.5, 0.0, 1.0, 0.0]] * 2)
-    got = X.add_to_image_tokens(out, delta, [(0, 1), (2, 3)], 4, weights)
+    got = X.accumulate_(out, [(delta, 0.5)], [(0, 1), (2, 3)], 4, weights)
     assert torch.equal(got[1], before[1])  # an unselected row
     zero = weights[0] == 0
     assert torch.equal(got[0, 4:][zero], before[0, 4:][zero]) and torch.equal(got[:, :4], before[:, :4])
-    assert torch.allclose(got[2, 4:], before[2, 4:] + delta[1] * weights[1][:, None])
+    assert torch.allclose(got[2, 4:], before[2, 4:] + 0.5 * delta[1] * weights[1][:, None])
+
+
+def test_accumulate_replace_is_a_lerp_by_the_mask():
+    out = torch.randn(1, 6, 4)
+    before = out.clone()
+    joint = torch.randn(1, 4, 4)
+    weights = torch.tensor([[0.0, 1.0, 0.25, 0.0]])
+    X.accumulate_(out, [], [(0, 1)], 2, weights, replace=joint)
+    assert torch.equal(out[0, 2], before[0, 2]) and torch.equal(out[0, 5], before[0, 5])
+    assert torch.equal(out[0, 3], joint[0, 1])
+    assert torch.allclose(out[0, 4], before[0, 4] + 0.25 * (joint[0, 2] - before[0, 4]))
+    plain = before.clone()
+    X.accumulate_(plain, [], [(0, 1)], 2, None, replace=joint)
+    assert torch.equal(plain[0, 2:], joint[0])
 
 
 def test_steer_tokens_is_relative_to_each_token_rms():
