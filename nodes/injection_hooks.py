@@ -280,6 +280,26 @@ class Injection:
         return self.method.attention(self, st, func, out, w, i, args, kwargs, to)
 
 
+def host_override(to: dict):
+    """The attention override under every injection's own in this call (another pack's, or None)."""
+    override = to.get("optimized_attention_override")
+    states = to.get(STATE_KEY) or {}
+    while override is not None and isinstance(getattr(override, "__self__", None), Injection):
+        st = states.get(override.__self__.key)
+        override = st.prev_override if st is not None else None
+    return override
+
+
+def plain_options(to: dict) -> dict:
+    """transformer_options for a pass of the model's own layers that no injection acts on (a reference's):
+    no per-call states or block keys, the host's attention override only."""
+    opts = {k: v for k, v in to.items() if k not in BLOCK_KEYS and k not in (STATE_KEY, "optimized_attention_override")}
+    override = host_override(to)
+    if override is not None:
+        opts["optimized_attention_override"] = override
+    return opts
+
+
 class Hook:
     """A patch-list entry of one injection: calls its method's hook of the same name with that call's state."""
 
