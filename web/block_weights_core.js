@@ -63,7 +63,7 @@ export function pyFloat(w) {
 }
 
 /** Canonical string (runs of equal non-zero weights as ranges); all-zero weights give "all:0.0" (parses to
- *  zeros; the node's own formatter returns "" there, which the node refuses as empty). */
+ *  zeros: the node then installs nothing; the node's own formatter returns "" there, which it refuses as empty). */
 export function formatBlockWeights(weights) {
   const parts = [];
   let i = 0;

@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from tools.editor_assets import template_title_problems
-from tools.host_harness import PACK_LINK_NAME, load_ui_workflow, ui_workflow_names
+from tools.host_harness import PACK_LINK_NAME, REPO_ROOT, load_ui_workflow, ui_workflow_names
 from tests.block_weights_format import format_block_weights
 from vl_core.schedule import parse_block_weights, preset_blocks
 
@@ -211,9 +211,11 @@ CARDS_JS = """() => [...document.querySelectorAll("[role=dialog] [data-testid^='
 def test_template_browser_shows_the_packs_templates_with_titles_and_thumbnails(page):
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.wait_for("() => !!document.querySelector('[role=dialog] input[placeholder^=Search]')", timeout_s=30)
-    # the pack's own category under Extensions (labelled with the pack's folder name)
+    # the pack's own category under Extensions, labelled by locales/en/main.json ("Z-Image VL", not the folder name)
+    label = json.loads((REPO_ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]["category"][
+        PACK_LINK_NAME]
     page.wait_for("""(m) => { const b = [...document.querySelectorAll('[role=dialog] nav [role=button]')]
-        .find((e) => e.textContent.trim() === m); if (b) b.click(); return !!b; }""", PACK_LINK_NAME, timeout_s=30)
+        .find((e) => e.textContent.trim() === m); if (b) b.click(); return !!b; }""", label, timeout_s=30)
     names = ui_workflow_names()
     cards = page.wait_for(f"""() => {{ const c = ({CARDS_JS})();
         return c.length === {len(names)} && c.every((x) => x.image) ? c : null; }}""", timeout_s=30)

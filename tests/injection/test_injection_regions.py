@@ -216,7 +216,8 @@ def test_share_joint_and_adain_act_and_differ(host, base, ref_latent):
 def test_a_negative_equal_to_the_positive_cancels(host, base, vl):
     plain = host.sample(base, steps=2, size=SMALL)
     model = apply(host, base, vl, method="extra_attention", strength=0.9, negative_vl_embeds=vl, negative_weight=1.0)
-    assert host.torch.allclose(host.sample(model, steps=2, size=SMALL), plain, atol=1e-6)
+    # + w·attn − w·attn: float rounding only (the two terms are added one after the other)
+    assert host.torch.allclose(host.sample(model, steps=2, size=SMALL), plain, atol=1e-5 * float(plain.abs().max()))
     half = apply(host, base, vl, method="extra_attention", strength=0.9, negative_vl_embeds=vl, negative_weight=0.5)
     assert not host.torch.allclose(host.sample(half, steps=2, size=SMALL), plain)
 
