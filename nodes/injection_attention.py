@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..vl_core import inject, inject_extra
 from ..vl_core.inject_settings import MethodTraits
 from .injection_hooks import Method, plain_options
-from .zimage_model import block_keys_values, block_queries, embed_like_caption, reference_pass
+from .zimage_model import block_keys_values, embed_like_caption, reference_pass
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ class ReferenceAttention(AttentionMethod):
         return self.walk_to(inj, st, i, to)
 
     def walk_to(self, inj, st, i, to):
-        """The reference's (source, queries | None) at block i, advancing its pass through blocks < i."""
+        """The reference's (source, queries | None) at block i: its pass is advanced through blocks ≤ i, block i's
+        own attention handing over the keys/values it computed (so they are not projected twice)."""
         ref = st.ref
         walk = ref["walk"]
         if walk is None:
@@ -195,17 +196,29 @@ class ReferenceAttention(AttentionMethod):
             img, mask, freqs, adaln, start, n_img = reference_pass(st.dit, ref["base"], ref["latent"], ref["sigma"],
                                                                    ref["caption"], ref["num_tokens"], opts)
             walk = ref["walk"] = dict(img=img, mask=mask, freqs=freqs, adaln=adaln, start=start, n=n_img, next=0,
-                                      opts=opts)
+                                      opts=opts, seen={})
         layers = st.dit.layers
-        while walk["next"] < i:  # advance the reference through the blocks before i (only as deep as needed)
+        s, n = walk["start"], walk["n"]
+        keep = ref["run"] is not None  # cached for the run: own copies, not views of the block's qkv output
+        adain = inj.settings.reference_adain
+        while walk["next"] <= i:
             j = walk["next"]
-            opts = dict(walk["opts"], block_index=j, block_type="double", total_blocks=len(layers))
+            seen = walk["seen"]
+            host = walk["opts"].get("optimized_attention_override")
+
+            def capture(func, *args, _j=j, _host=host, **kwargs):
+                q, k, v = args[:3]
+                part = slice(s, s + n)
+                if inj.block_scale[_j] != 0.0:  # only blocks that act: a passed block's qkv is dropped at once
+                    picked = [None if x is None else x[:, :, part] for x in (q if adain else None, k, v)]
+                    seen[_j] = [None if x is None else x.contiguous() for x in picked] if keep else picked
+                return _host(func, *args, **kwargs) if _host is not None else func(*args, **kwargs)
+
+            opts = dict(walk["opts"], block_index=j, block_type="double", total_blocks=len(layers),
+                        optimized_attention_override=capture)
             walk["img"] = layers[j](walk["img"], walk["mask"], walk["freqs"], walk["adaln"], transformer_options=opts)
             walk["next"] = j + 1
-        s, n = walk["start"], walk["n"]
-        hidden, freqs = walk["img"][:, s:s + n], walk["freqs"][:, s:s + n]
-        k, v = block_keys_values(layers[i], hidden, walk["adaln"], freqs)
-        q = block_queries(layers[i], hidden, walk["adaln"], freqs) if inj.settings.reference_adain else None
+        q, k, v = walk["seen"].pop(i)
         return inject_extra.Source(k, v), q
 
 

@@ -62,16 +62,6 @@ def block_keys_values(block, hidden: torch.Tensor, vec: torch.Tensor, freqs: tor
                                  n_kv_heads=attn.n_local_kv_heads, head_dim=attn.head_dim, freqs=freqs)
 
 
-def block_queries(block, hidden: torch.Tensor, vec: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """q [b, H, n, d] of tokens entering one main block: its norm → adaLN scale → qkv q rows → q-norm → RoPE."""
-    attn = block.attention
-    scale_msa = block.adaLN_modulation(vec).chunk(4, dim=1)[0]
-    h = inject.modulate(block.attention_norm1(hidden), scale_msa)
-    q = _project(attn, h, rows="q")[..., :attn.n_local_heads * attn.head_dim]
-    q = _norm(attn.q_norm, q.reshape(*q.shape[:2], attn.n_local_heads, attn.head_dim))
-    return inject.apply_rope(q, freqs).movedim(1, 2)
-
-
 def reference_pass(dit, base, latent: torch.Tensor, sigma: torch.Tensor, caption: torch.Tensor, num_tokens,
                    transformer_options: dict):
     """A reference latent (model space, [1, C, H, W]) at σ embedded exactly as NextDiT._forward embeds a latent:
@@ -97,11 +87,10 @@ def reference_pass(dit, base, latent: torch.Tensor, sigma: torch.Tensor, caption
     return img, mask, freqs.to(img.device), adaln, cap_size[0], n_img
 
 
-def _project(attn, hidden: torch.Tensor, rows: str = "kv") -> torch.Tensor:
-    """The block's fused qkv projection, only its k/v rows (rows "kv": [b, n, 2·Hkv·d], the VL queries are never
-    needed) or only its q rows ("q"), with the weight cast the way comfy.ops does it (lowvram offload, LoRA
-    weight functions). Quantized weight types fall back to the full module call ([q | k | v], which split_kv
-    and block_queries also accept)."""
+def _project(attn, hidden: torch.Tensor) -> torch.Tensor:
+    """[b, n, 2·Hkv·d]: only the k/v rows of the block's fused qkv projection (the VL queries are never needed),
+    with the weight cast the way comfy.ops does it (lowvram offload, LoRA weight functions). Quantized weight
+    types fall back to the full module call ([q | k | v], which split_kv also accepts)."""
     import comfy.ops
 
     lin = attn.qkv
@@ -110,8 +99,7 @@ def _project(attn, hidden: torch.Tensor, rows: str = "kv") -> torch.Tensor:
     try:
         if type(weight) in (torch.Tensor, torch.nn.Parameter) and (bias is None or type(bias) in
                                                                     (torch.Tensor, torch.nn.Parameter)):
-            part = slice(q_rows, None) if rows == "kv" else slice(0, q_rows)
-            return torch.nn.functional.linear(hidden, weight[part], None if bias is None else bias[part])
+            return torch.nn.functional.linear(hidden, weight[q_rows:], None if bias is None else bias[q_rows:])
     finally:
         comfy.ops.uncast_bias_weight(lin, weight, bias, stream)
     return lin(hidden)

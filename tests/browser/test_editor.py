@@ -217,8 +217,14 @@ def test_template_browser_shows_the_packs_templates_with_titles_and_thumbnails(p
     page.wait_for("""(m) => { const b = [...document.querySelectorAll('[role=dialog] nav [role=button]')]
         .find((e) => e.textContent.trim() === m); if (b) b.click(); return !!b; }""", label, timeout_s=30)
     names = ui_workflow_names()
-    cards = page.wait_for(f"""() => {{ const c = ({CARDS_JS})();
-        return c.length === {len(names)} && c.every((x) => x.image) ? c : null; }}""", timeout_s=30)
+    # the dialog shows a card's picture only while it is scrolled into view (and drops it outside): collect each
+    # card as seen with its picture, bringing the next unseen one into view
+    cards = page.wait_for(f"""() => {{ const seen = (window.__zvlCards ??= {{}});
+        for (const x of ({CARDS_JS})()) if (x.image) seen[x.id] = x;
+        const all = ({CARDS_JS})();
+        const next = all.find((x) => !seen[x.id]);
+        if (next) document.querySelector(`[data-testid="${{next.id}}"]`)?.scrollIntoView({{block: 'center'}});
+        return all.length === {len(names)} && !next ? Object.values(seen) : null; }}""", timeout_s=30)
     page.screenshot(ARTIFACTS / "template_browser.png")
     page.press("Escape")
     assert sorted(c["id"] for c in cards) == [f"template-workflow-{n}" for n in names]

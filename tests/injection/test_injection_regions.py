@@ -39,8 +39,8 @@ class AttentionTap:
 
     def override(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
-        if to.get("block_type") == "double" and to.get("block_index") == self.block:
-            self.q = args[0].detach().clone()
+        if to.get("block_type") == "double" and to.get("block_index") == self.block and self.q is None:
+            self.q = args[0].detach().clone()  # the first: a reference pass inside this block calls it again
         return func(*args, **kwargs)
 
     def __enter__(self):
