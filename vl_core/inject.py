@@ -5,12 +5,8 @@ Notation: B batch, L tokens, D model width, H query heads, Hkv key/value heads, 
 caption stream   at a selected main block, on the caption slice txt [B, L, D] and the VL tokens
                  embedded like a caption vl [1|B, L, D], with weight w:
                      lerp: txt ← txt + w·(vl − txt)        add: txt ← txt + w·vl
-decoupled attention (training-free IP-Adapter analogue), per selected block:
-                     out_img ← out_img + w·softmax(q_img·k_vlᵀ/√d)·v_vl
-                 out = the block's own joint attention output (before its output projection),
-                 q_img = the block's image-token queries, k_vl/v_vl = the VL tokens projected with
-                 the same block's q/k/v weights and k-norm; a separate softmax, so the text/image
-                 attention is left exactly as it was.
+decoupled attention (training-free IP-Adapter analogue): the VL keys/values of a block (vl_keys_values);
+                 how they are attended and added is in inject_extra.py.
 rows             a CFG batch is cond_or_uncond chunks of equal size; the hooks act on the row runs
                  of the selected chunks only (0 = conditional, 1 = unconditional).
 """
@@ -151,44 +147,6 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape).type_as(x)
 
 
-def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference attention: q [B, H, Lq, d], k/v [B|1, H, N, d] → [B, Lq, H·d] = softmax(q·kᵀ/√d)·v."""
-    if k.shape[0] != q.shape[0]:
-        k = k.expand(q.shape[0], -1, -1, -1)
-        v = v.expand(q.shape[0], -1, -1, -1)
-    out = F.scaled_dot_product_attention(q, k, v)
-    b, h, lq, d = out.shape
-    return out.transpose(1, 2).reshape(b, lq, h * d)
-
-
-def decoupled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                        ) -> torch.Tensor:
-    """The extra attention of the image queries over the VL keys/values, its own softmax.
-
-    q [B, H, Lq, d], k/v [B|1, H, N, d] → [B, Lq, H·d] (the layout of an attention output before the
-    output projection). `attention(q, k, v)` may replace the reference SDPA (e.g. the host's backend).
-    """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q/k/v must be [B, H, L, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[1] != q.shape[1] or k.shape[-1] != q.shape[-1] or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree in heads/width/tokens")
-    return (attention or sdpa_heads)(q, k, v)
-
-
-def add_scaled_(out: torch.Tensor, extra: torch.Tensor, scale: float, start: int, rows: Rows) -> None:
-    """In place: out[rows, start:] += scale·extra, extra [Σrows, L − start, D] stacked in row-run order."""
-    if scale == 0.0:
-        return
-    offset = 0
-    for s, e in rows:
-        n = e - s
-        out[s:e, start:].add_(extra[offset:offset + n].to(out.dtype), alpha=scale)
-        offset += n
-    if offset != extra.shape[0]:
-        raise ValueError(f"extra attention has {extra.shape[0]} rows, the selected runs {rows} have {offset}")
-
-
 def gather_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     """x[rows] stacked in run order (a view when one run)."""
     if len(rows) == 1:
@@ -236,20 +194,6 @@ def vl_keys_values(hidden: torch.Tensor, scale_msa: torch.Tensor, *, norm: Calla
     return repeat_kv(k, n_rep).movedim(1, 2), repeat_kv(v, n_rep).movedim(1, 2)
 
 
-def add_decoupled_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: float,
-                            image_tokens: int, rows: Rows, attention: Callable | None = None) -> torch.Tensor:
-    """out[rows, −Li:] += w·softmax(q_img·kᵀ/√d)·v with q_img = q[rows, :, −Li:] (Li = image_tokens).
-
-    out [B, L, H·d] (the block's attention output), q [B, H, L, d]; in place when allowed, else on a copy.
-    """
-    start = q.shape[2] - image_tokens
-    extra = decoupled_attention(gather_rows(q, rows)[:, :, start:], k, v, attention=attention)
-    if not inplace_ok(out):
-        out = out.clone()
-    add_scaled_(out, extra, weight, start, rows)
-    return out
-
-
 Segment = tuple[int, int, bool]  # [start, end) of a batch and whether the injection acts on it
 
 
@@ -286,8 +230,8 @@ def run_by_segments(rows: Rows, batch: int, run: Callable[[int, int, bool], torc
 
 
 __all__ = [
-    "APPLY_TO", "CAPTION_MODES", "add_decoupled_attention", "add_scaled_", "apply_rope", "batch_segments",
-    "caption_update", "caption_update_", "chunk_rows", "cut_batch", "cut_chunk_list", "decoupled_attention",
-    "gather_rows", "image_token_count", "inplace_ok", "modulate", "padded_length", "pool_to_budget", "repeat_kv",
-    "rms_norm_heads", "rows_cover", "rows_within", "run_by_segments", "sdpa_heads", "split_kv", "vl_keys_values",
+    "APPLY_TO", "CAPTION_MODES", "apply_rope", "batch_segments", "caption_update", "caption_update_", "chunk_rows",
+    "cut_batch", "cut_chunk_list", "gather_rows", "image_token_count", "inplace_ok", "modulate", "padded_length",
+    "pool_to_budget", "repeat_kv", "rms_norm_heads", "rows_cover", "rows_within", "run_by_segments", "split_kv",
+    "vl_keys_values",
 ]

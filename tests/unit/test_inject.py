@@ -165,41 +165,6 @@ def test_apply_rope_rotates_pairs():
 
 # --------------------------------------------------------------------------- decoupled attention
 
-def test_decoupled_attention_is_its_own_softmax():
-    q, k, v = rand(2, 3, 7, 4), rand(1, 3, 5, 4, seed=1), rand(1, 3, 5, 4, seed=2)
-    got = inject.decoupled_attention(q, k, v)
-    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
-    want = (p @ v).transpose(1, 2).reshape(2, 7, 12)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_decoupled_attention_uses_a_given_backend_and_checks_shapes():
-    q, k, v = rand(1, 2, 3, 4), rand(1, 2, 5, 4, seed=1), rand(1, 2, 5, 4, seed=2)
-    seen = []
-    out = inject.decoupled_attention(q, k, v, attention=lambda *a: seen.append(a) or torch.zeros(1, 3, 8))
-    assert len(seen) == 1 and torch.equal(out, torch.zeros(1, 3, 8))
-    with pytest.raises(ValueError, match="must be"):
-        inject.decoupled_attention(q[0], k, v)
-    with pytest.raises(ValueError, match="disagree"):
-        inject.decoupled_attention(q, rand(1, 3, 5, 4), v)
-    with pytest.raises(ValueError, match="disagree"):
-        inject.decoupled_attention(q, k, rand(1, 2, 6, 4))
-
-
-def test_add_scaled_only_touches_selected_rows_after_start():
-    out = rand(4, 10, 6)
-    before = out.clone()
-    extra = rand(3, 7, 6, seed=1)
-    inject.add_scaled_(out, extra, 0.5, 3, [(0, 1), (2, 4)])
-    assert torch.equal(out[:, :3], before[:, :3]) and torch.equal(out[1], before[1])
-    torch.testing.assert_close(out[[0, 2, 3], 3:], before[[0, 2, 3], 3:] + 0.5 * extra)
-    again = before.clone()
-    inject.add_scaled_(again, extra, 0.0, 3, [(0, 1), (2, 4)])
-    assert bits_equal(again, before)
-    with pytest.raises(ValueError, match="rows"):
-        inject.add_scaled_(before.clone(), extra, 1.0, 3, [(0, 2)])
-
-
 @pytest.mark.parametrize("n, m, want", [(20, 32, 32), (32, 32, 32), (33, 32, 64), (0, 32, 0), (7, None, 7), (7, 0, 7)])
 def test_padded_length(n, m, want):
     assert inject.padded_length(n, m) == want
@@ -272,12 +237,3 @@ def test_vl_keys_values_is_the_block_recipe():
     assert not torch.allclose(k0, k)  # no freqs: no rotation
 
 
-def test_add_decoupled_attention_touches_only_the_selected_image_rows():
-    b, heads, length, d, img = 3, 2, 7, 4, 5
-    out, q = rand(b, length, heads * d, seed=5), rand(b, heads, length, d, seed=6)
-    k, v = rand(1, heads, 3, d, seed=7), rand(1, heads, 3, d, seed=8)
-    got = inject.add_decoupled_attention(out.clone(), q, k, v, 0.5, img, [(1, 2)])
-    want = out.clone()
-    want[1:2, length - img:] += 0.5 * inject.sdpa_heads(q[1:2, :, length - img:], k, v)
-    assert torch.allclose(got, want, atol=1e-6)
-    assert bits_equal(got[0], out[0]) and bits_equal(got[2], out[2]) and bits_equal(got[1, :length - img], out[1, :2])
