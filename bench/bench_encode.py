@@ -191,7 +191,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--batch-size-px", type=int, default=1024)
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the transformers paths")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown,hostparts")
     ap.add_argument("--fusion", default="auto", help="fusion mode of the fused rows (fusion.MODES)")
     ap.add_argument("--cold-runs", action="store_true", help="fresh-process first-encode figures (subprocesses)")
     ap.add_argument("--cold-probe", default=None, help=argparse.SUPPRESS)   # one fresh process of --cold-runs
@@ -421,6 +421,10 @@ def main(argv=None):
                                                                  for a, b in zip(many, single))
         print(f"encode_many vs single: max rel {results['checks']['encode_many_vs_single_max_rel']:.2e}", flush=True)
 
+    if "hostparts" not in skip:
+        results["host_parts"] = host_parts_section(native, tr, native_clip, transformers_model, tq, layer, g,
+                                                   1024 if not args.tiny else 64, args.reps)
+
     if args.profile:
         results["profile"] = profile(device, {"transformers hf (HF forward + hooks)": methods["transformers hf"],
                                               "native fast eager": methods["native fast eager"],
@@ -462,6 +466,42 @@ def profile(device, fns: dict, image) -> dict:
     return out
 
 
+def host_parts_section(native, tr, native_clip, transformers_model, tq, layer, g, size, reps) -> dict:
+    """host_parts.py on both backends' graph-replayed encodes (fusion as configured for those encoders)."""
+    import torch
+    from host_parts import host_parts
+
+    image = torch.rand(size, size, 3, generator=g)
+    out = {"native": native_host_parts(native, native_clip, image, layer, reps)}
+    runner = runner_of(tr)
+    parts = {"_load (ensure_loaded)": (tr, "_load"), "fast_runner": (tr.encoder, "fast_runner"),
+             "tokenize": (tr.encoder, "tokenize"), "runner.upload": (runner, "upload"),
+             "runner.forward": (runner, "forward"), "runner._graph_key": (runner, "_graph_key"),
+             "fusion.ops": (runner.fusion, "ops"), "to_output (waits for the GPU)": (tq, "to_output"),
+             "_finish": (tr.encoder, "_finish")}
+    out["transformers"] = host_parts(lambda: tr.encode([image], PROMPT, [layer], "after_image"), tr, runner,
+                                     parts, reps)
+    for backend, rows in out.items():
+        for label, r in rows.items():
+            print(f"host parts {backend:<12} {label:<32} {r}", flush=True)
+    return out
+
+
+def native_host_parts(native, native_clip, image, layer, reps) -> dict:
+    """host_parts.py over one native encoder's repeated encode of `image`."""
+    from host_parts import host_parts
+
+    runner = runner_of(native)
+    parts = {"ensure_loaded": (native_clip, "ensure_loaded"),
+             "load_models_gpu": (native_clip.model_management, "load_models_gpu"),
+             "weight check": (native_clip, "unsupported_weights"), "_chat": (native, "_chat"),
+             "_sizes": (native, "_sizes"), "_layout": (native, "_layout"), "_fast_runner": (native, "_fast_runner"),
+             "runner.upload": (runner, "upload"), "runner.forward": (runner, "forward"),
+             "runner._graph_key": (runner, "_graph_key"), "fusion.ops": (runner.fusion, "ops"),
+             "to_output (waits for the GPU)": (native_clip, "to_output"), "_embeds": (native, "_embeds")}
+    return host_parts(lambda: native.encode([image], PROMPT, [layer], "after_image"), native, runner, parts, reps)
+
+
 def runner_of(enc):
     """The fast runner of a native encoder or a TransformersVLModel (built, and the model loaded, on demand)."""
     if hasattr(enc, "encoder"):
@@ -494,7 +534,8 @@ def kernel_kinds(prof) -> dict:
 
 COLD_CASES = (("today: fusion off", "off", "empty"), ("fused: empty inductor cache", "auto", "empty"),
               ("fused: warm disk cache", "auto", "warm"), ("fused sync: warm disk cache", "sync", "warm"),
-              ("fused: warm Triton cache, no FX / AOT cache", "auto", "nofx"))   # diagnoses the warm-cache replays
+              ("fused: warm Triton cache, no FX / AOT cache", "auto", "nofx"),   # diagnose the warm-cache replays
+              ("fused: warm caches, no autotune cache", "auto", "notune"))
 
 
 def cold_runs(args) -> int:
@@ -508,6 +549,8 @@ def cold_runs(args) -> int:
         env.pop("TRITON_CACHE_DIR", None)
         if state == "nofx":
             env.update(TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+        if state == "notune":     # read by cold_probe: inductor re-benchmarks the kernels' launch configs
+            env.update(ZIMAGE_VL_BENCH_NO_AUTOTUNE_CACHE="1")
         cmd = [sys.executable, __file__, "--cold-probe", mode, "--sizes", args.sizes, "--device", args.device]
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--comfy", args.comfy] if args.comfy else []
@@ -529,6 +572,9 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     import torch
     from torch._dynamo.utils import counters
 
+    if os.environ.get("ZIMAGE_VL_BENCH_NO_AUTOTUNE_CACHE"):
+        import torch._inductor.config as inductor_config
+        inductor_config.autotune_local_cache = False
     size = [int(s) for s in args.sizes.split(",") if s][0] if not args.tiny else 64
     native = native_clip.NativeQwen3VLEncoder(clip)
     layer = -6 if not args.tiny else -2
@@ -552,6 +598,9 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     res["replay_median_ms"] = statistics.median(res["next_ms"][2:])
     cache = native.graphs
     res["graphs"] = {"captured": len(cache), "broken": cache.broken}     # did the replays really replay a graph
+    parts = native_host_parts(native, native_clip, image, layer, 10)      # GPU replay vs host time of this process
+    res["gpu_replay_ms"] = parts.get("gpu replay", {}).get("median_ms")
+    res["host_parts_ms"] = {k: v["median_ms"] for k, v in parts.items() if k != "gpu replay"}
     graphs = counters["stats"]["unique_graphs"]
     other = torch.rand(size // 2, size // 2, 3, generator=g)
     t0 = time.perf_counter()

@@ -138,6 +138,11 @@ class ExtraAttention(AttentionMethod):
     traits = MethodTraits("extra_attention", attention=True, regional=True)
 
 
+class _PassDone(Exception):
+    """Raised from the deepest acting block's attention call once its keys/values are taken: the reference's
+    pass stops there (the host's API has no way to run half a block)."""
+
+
 class ReferenceAttention(AttentionMethod):
     traits = MethodTraits("reference_attention", attention=True, regional=True)
 
@@ -198,6 +203,7 @@ class ReferenceAttention(AttentionMethod):
             walk = ref["walk"] = dict(img=img, mask=mask, freqs=freqs, adaln=adaln, start=start, n=n_img, next=0,
                                       opts=opts, seen={})
         layers = st.dit.layers
+        deepest = max(j for j, scale in enumerate(inj.block_scale) if scale != 0.0)
         s, n = walk["start"], walk["n"]
         keep = ref["run"] is not None  # cached for the run: own copies, not views of the block's qkv output
         adain = inj.settings.reference_adain
@@ -212,11 +218,17 @@ class ReferenceAttention(AttentionMethod):
                 if inj.block_scale[_j] != 0.0:  # only blocks that act: a passed block's qkv is dropped at once
                     picked = [None if x is None else x[:, :, part] for x in (q if adain else None, k, v)]
                     seen[_j] = [None if x is None else x.contiguous() for x in picked] if keep else picked
+                if _j == deepest:  # nothing deeper needs this pass: skip the block's attention and feed-forward
+                    raise _PassDone
                 return _host(func, *args, **kwargs) if _host is not None else func(*args, **kwargs)
 
             opts = dict(walk["opts"], block_index=j, block_type="double", total_blocks=len(layers),
                         optimized_attention_override=capture)
-            walk["img"] = layers[j](walk["img"], walk["mask"], walk["freqs"], walk["adaln"], transformer_options=opts)
+            try:
+                walk["img"] = layers[j](walk["img"], walk["mask"], walk["freqs"], walk["adaln"],
+                                        transformer_options=opts)
+            except _PassDone:
+                walk["img"] = None  # the pass ends here; its hidden state is no longer needed
             walk["next"] = j + 1
         q, k, v = walk["seen"].pop(i)
         return inject_extra.Source(k, v), q

@@ -38,7 +38,7 @@ from ..vl_core.encoders.qwen3vl_spec import UnsupportedModel
 from ..vl_core.encoders.weights import normalize_device, to_output
 from ..vl_core.types import VLEmbeds
 from .native_fast import ComfyWeights, spec_from_comfy, unsupported_weights
-from .offload import offload_patcher
+from .offload import ensure_loaded, offload_patcher
 
 log = logging.getLogger("comfyui-zimage-vl")
 
@@ -112,6 +112,7 @@ class NativeQwen3VLEncoder:
         self._runner: Qwen3VLRunner | None = None      # built on the first fast encode
         self._spec = self._spec_error = None            # runner spec of the modules, or why there is none
         self._modules_list = None                       # named_modules(): the tree is fixed, its tensors are not
+        self._weights_checked = (None, None)            # (residency token, unsupported_weights result)
 
     @staticmethod
     def _source_name(clip, csm) -> str:
@@ -170,16 +171,12 @@ class NativeQwen3VLEncoder:
     def _layout(self, before: str, text: str, after: str, full: str, images, counts) -> tuple[torch.Tensor, tuple]:
         """(expanded ids, prompt span) of the chat text as ComfyUI tokenizes it (cached: the tokenizer is
         deterministic, and the fast path needs only the ids, not ComfyUI's token/image structure)."""
-        key = (id(self.clip.tokenizer), full, len(images), tuple(counts))
-        hit = _LAYOUTS.get(key)
-        if hit is None:
+        def make():
             tokens, row = self._tokens_row(self.clip, full, images)
             raw_ids = [self.image_pad_id if isinstance(t, dict) else int(t) for t in row]
-            hit = self._ids_and_span(raw_ids, before, text, after, counts)
-            _LAYOUTS[key] = hit
-            while len(_LAYOUTS) > 64:
-                _LAYOUTS.pop(next(iter(_LAYOUTS)))
-        return hit
+            return self._ids_and_span(raw_ids, before, text, after, counts)
+
+        return layout.memoized(_LAYOUTS, (id(self.clip.tokenizer), full, len(images), tuple(counts)), make)
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         images = list(images)
@@ -268,9 +265,9 @@ class NativeQwen3VLEncoder:
             return None
         reason = self._fast_blocker()
         if reason is None:
-            model_management.load_models_gpu([self.clip.patcher],
-                                             memory_required=activation_bytes(self._spec, num_tokens, sizes, batch))
-            reason = self._fast_blocker(loaded=True)
+            token = ensure_loaded(self.clip.patcher,
+                                  memory_required=activation_bytes(self._spec, num_tokens, sizes, batch))
+            reason = self._fast_blocker(loaded=token or True)
         if reason is not None:
             if self.engine == "fast":
                 raise RuntimeError(f"VL Encode (native): the fast path does not apply: {reason}")
@@ -297,8 +294,9 @@ class NativeQwen3VLEncoder:
             return torch.bfloat16
         return torch.float32
 
-    def _fast_blocker(self, loaded: bool = False) -> str | None:
-        """Why the fast path cannot run on this clip (None if it can)."""
+    def _fast_blocker(self, loaded=False) -> str | None:
+        """Why the fast path cannot run on this clip (None if it can). loaded: the model was just loaded; its
+        residency token (offload.residency) lets the weight check be reused while ComfyUI has not touched them."""
         if self._spec is None and self._spec_error is None:
             try:
                 spec = spec_from_comfy(self._transformer)
@@ -321,7 +319,10 @@ class NativeQwen3VLEncoder:
         if loaded:
             if self._modules_list is None:    # ComfyUI may swap the tensors inside the tree (loads, LoRA)
                 self._modules_list = list(self._transformer.named_modules())
-            return unsupported_weights(self._modules_list)
+            token = loaded if isinstance(loaded, tuple) else None
+            if token is None or self._weights_checked[0] != token:
+                self._weights_checked = (token, unsupported_weights(self._modules_list))
+            return self._weights_checked[1]
         return None
 
     def _run_fast(self, runner: Qwen3VLRunner, input_ids: torch.Tensor, images: list[list[torch.Tensor]], sizes,

@@ -12,7 +12,7 @@ import comfy.model_patcher
 from ..vl_core.checks import require_choice
 from ..vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
 from ..vl_core.types import VLEmbeds
-from .offload import offload_patcher
+from .offload import ensure_loaded, offload_patcher
 
 log = logging.getLogger("comfyui-zimage-vl")
 
@@ -64,7 +64,7 @@ class TransformersVLModel:
 
     def _load(self) -> None:
         # full load: the HF modules have no ComfyUI weight casting, so a partial (lowvram) load cannot run
-        model_management.load_models_gpu([self.patcher], force_full_load=True)
+        ensure_loaded(self.patcher, force_full_load=True)
         self.encoder.output_device = model_management.intermediate_device()
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:

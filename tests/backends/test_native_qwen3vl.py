@@ -371,3 +371,69 @@ def test_backend_selection_needs_exactly_one(native_clip):
     with pytest.raises(ValueError, match="vl_model must come from 'Load Qwen3-VL \\(transformers\\)', got str"):
         backends.vl_encoder(None, "a string")
     assert isinstance(backends.vl_encoder(native_clip), native_clip_mod.NativeQwen3VLEncoder)
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    """Counts of ComfyUI's load_models_gpu and the fast path's weight check (both still run for real)."""
+    calls = {"load": 0, "check": 0}
+    real_load, real_check = model_management.load_models_gpu, native_clip_mod.unsupported_weights
+
+    def load(*args, **kwargs):
+        calls["load"] += 1
+        return real_load(*args, **kwargs)
+
+    def check(*args, **kwargs):
+        calls["check"] += 1
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(model_management, "load_models_gpu", load)
+    monkeypatch.setattr(native_clip_mod, "unsupported_weights", check)
+    return calls
+
+
+def test_resident_model_is_not_reloaded_until_comfy_touches_it(native_clip, load_calls):
+    """A fully loaded, unchanged model skips load_models_gpu and the weight check; a weight patch (LoRA-like
+    clone), an unload or another clone of it taking its place loads it again, with the patched weights used."""
+    image, layers = picture(64, 64, 40), [2, 4]
+    enc = native_clip_mod.NativeQwen3VLEncoder(native_clip)
+    first = enc.encode([image], PROMPT, layers, "after_image")
+    load_calls.update(load=0, check=0)
+    again = enc.encode([image], PROMPT, layers, "after_image")
+    assert load_calls == {"load": 0, "check": 0} and enc.last_path == "fast"
+    assert all(torch.equal(again.hidden[k], first.hidden[k]) for k in layers)
+
+    patched_clip = native_clip.clone()
+    key = next(k for k in patched_clip.patcher.model_state_dict() if k.endswith("layers.0.mlp.down_proj.weight"))
+    weight = patched_clip.patcher.model_state_dict()[key]
+    assert patched_clip.patcher.add_patches({key: (torch.randn_like(weight),)}, 1.0) == [key]
+    patched = native_clip_mod.NativeQwen3VLEncoder(patched_clip)
+    got = patched.encode([image], PROMPT, layers, "after_image")
+    assert load_calls["load"] == 1 and load_calls["check"] == 1 and patched.last_path == "fast"
+    assert not torch.allclose(got.hidden[4], first.hidden[4])       # the patched weight is what ran
+    load_calls.update(load=0, check=0)
+    assert torch.equal(patched.encode([image], PROMPT, layers, "after_image").hidden[4], got.hidden[4])
+    assert load_calls == {"load": 0, "check": 0}
+    patched_clip.patcher.add_patches({key: (torch.randn_like(weight),)}, 1.0)   # a second patch on the loaded one
+    twice = patched.encode([image], PROMPT, layers, "after_image")
+    assert load_calls["load"] == 1 and not torch.allclose(twice.hidden[4], got.hidden[4])
+    load_calls.update(load=0)
+
+    back = enc.encode([image], PROMPT, layers, "after_image")      # the clone replaced it: load the original
+    assert load_calls["load"] == 1 and all(torch.equal(back.hidden[k], first.hidden[k]) for k in layers)
+    assert enc.offload() is True
+    load_calls.update(load=0)
+    assert torch.equal(enc.encode([image], PROMPT, layers, "after_image").hidden[4], first.hidden[4])
+    assert load_calls["load"] == 1
+
+
+def test_transformers_vl_model_skips_reload_while_resident(hf_tiny_path, load_calls):
+    vl = transformers_model.load_transformers_vl(hf_tiny_path, "fp32")
+    image = picture(64, 96, 41)
+    first = vl.encode([image], PROMPT, [2], "after_image")
+    load_calls.update(load=0)
+    assert torch.equal(vl.encode([image], PROMPT, [2], "after_image").hidden[2], first.hidden[2])
+    assert load_calls["load"] == 0
+    assert vl.offload() is True
+    assert torch.equal(vl.encode([image], PROMPT, [2], "after_image").hidden[2], first.hidden[2])
+    assert load_calls["load"] == 1 and any(m.model is vl.patcher for m in model_management.current_loaded_models)

@@ -169,6 +169,7 @@ class TransformersQwen3VL:
             raise ValueError(f"model is not Qwen3-VL (config.model_type {getattr(config, 'model_type', None)!r})")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self._layouts: dict = {}      # (prompt, placement, image tokens) -> chat_layout(...): a memo
         self.source = source
         self.output_device = torch.device(output_device)
         text, vision = config.text_config, config.vision_config
@@ -232,7 +233,8 @@ class TransformersQwen3VL:
         """(expanded ids [N] with image_tokens[k] pad ids for image k, prompt span in them)."""
         if len(image_tokens) != num_images:
             raise ValueError(f"{len(image_tokens)} image token counts for {num_images} image(s)")
-        return layout.chat_layout(self.tokenizer, prompt, placement, self.image_pad_id, image_tokens)
+        return layout.memoized(self._layouts, (prompt, placement, tuple(image_tokens)), lambda: layout.chat_layout(
+            self.tokenizer, prompt, placement, self.image_pad_id, image_tokens))
 
     # ------------------------------------------------------------------ fast engine
 
