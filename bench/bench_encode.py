@@ -476,6 +476,7 @@ def host_parts_section(native, tr, native_clip, transformers_model, tq, layer, g
     runner = runner_of(tr)
     parts = {"_load (ensure_loaded)": (tr, "_load"), "fast_runner": (tr.encoder, "fast_runner"),
              "tokenize": (tr.encoder, "tokenize"), "runner.upload": (runner, "upload"),
+             "staging event wait": (torch.cuda.Event, "synchronize"),
              "runner.forward": (runner, "forward"), "runner._graph_key": (runner, "_graph_key"),
              "fusion.ops": (runner.fusion, "ops"), "to_output (waits for the GPU)": (tq, "to_output"),
              "_finish": (tr.encoder, "_finish")}
@@ -489,6 +490,7 @@ def host_parts_section(native, tr, native_clip, transformers_model, tq, layer, g
 
 def native_host_parts(native, native_clip, image, layer, reps) -> dict:
     """host_parts.py over one native encoder's repeated encode of `image`."""
+    import torch
     from host_parts import host_parts
 
     runner = runner_of(native)
@@ -496,7 +498,8 @@ def native_host_parts(native, native_clip, image, layer, reps) -> dict:
              "load_models_gpu": (native_clip.model_management, "load_models_gpu"),
              "weight check": (native_clip, "unsupported_weights"), "_chat": (native, "_chat"),
              "_sizes": (native, "_sizes"), "_layout": (native, "_layout"), "_fast_runner": (native, "_fast_runner"),
-             "runner.upload": (runner, "upload"), "runner.forward": (runner, "forward"),
+             "runner.upload": (runner, "upload"), "staging event wait": (torch.cuda.Event, "synchronize"),
+             "runner.forward": (runner, "forward"),
              "runner._graph_key": (runner, "_graph_key"), "fusion.ops": (runner.fusion, "ops"),
              "to_output (waits for the GPU)": (native_clip, "to_output"), "_embeds": (native, "_embeds")}
     return host_parts(lambda: native.encode([image], PROMPT, [layer], "after_image"), native, runner, parts, reps)
