@@ -195,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--fusion", default="auto", help="fusion mode of the fused rows (fusion.MODES)")
     ap.add_argument("--cold-runs", action="store_true", help="fresh-process first-encode figures (subprocesses)")
     ap.add_argument("--cold-probe", default=None, help=argparse.SUPPRESS)   # one fresh process of --cold-runs
+    ap.add_argument("--cold-cases", default=None, help="with --cold-runs: comma list of COLD_CASES indices")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.cold_runs:
@@ -545,7 +546,8 @@ def cold_runs(args) -> int:
     """Fresh processes (one per case): first encode, compile wall time, then steady encodes (cold_probe)."""
     cache = tempfile.mkdtemp(prefix="zimage_vl_inductor_")
     out = {}
-    for name, mode, state in COLD_CASES:
+    picked = {int(i) for i in args.cold_cases.split(",")} if args.cold_cases else set(range(len(COLD_CASES)))
+    for name, mode, state in (case for i, case in enumerate(COLD_CASES) if i in picked):
         env = dict(os.environ, ZIMAGE_VL_COMPILE=mode,
                    TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="zimage_vl_empty_") if state == "empty" and
                    mode == "off" else cache)
@@ -591,7 +593,8 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
         sync(device)
         return 1e3 * (time.perf_counter() - t0)
 
-    res = {"mode": args.cold_probe, "first_ms": timed()}
+    at_start = host_copy_probe(image)       # before any encode / compile of this process
+    res = {"mode": args.cold_probe, "first_ms": timed(), "host_copy_at_start": at_start}
     res["second_ms_during_compile"] = timed() if fusion.Fusion.busy() else None
     t0 = time.perf_counter()
     fusion.Fusion.wait()
@@ -604,6 +607,7 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     parts = native_host_parts(native, native_clip, image, layer, 10)      # GPU replay vs host time of this process
     res["gpu_replay_ms"] = parts.get("gpu replay", {}).get("median_ms")
     res["host_parts_ms"] = {k: v["median_ms"] for k, v in parts.items() if k != "gpu replay"}
+    res["host_copy"] = host_copy_probe(image)
     graphs = counters["stats"]["unique_graphs"]
     other = torch.rand(size // 2, size // 2, 3, generator=g)
     t0 = time.perf_counter()
@@ -613,6 +617,32 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     res["other_size_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
     print("COLD " + json.dumps(res), flush=True)
     return 0
+
+
+def host_copy_probe(image) -> dict:
+    """Median ms of copying `image` into a pinned buffer (the staging upload's CPU part): torch's copy_ at the
+    process's thread count and at 1 thread, numpy's (single-threaded memcpy), and the thread count."""
+    import numpy as np
+    import torch
+
+    buf = torch.empty_like(image, pin_memory=torch.cuda.is_available())
+
+    def med(fn, n=15):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return round(statistics.median(times), 3)
+
+    threads = torch.get_num_threads()
+    out = {"threads": threads, "interop": torch.get_num_interop_threads(), "torch_copy": med(lambda: buf.copy_(image)),
+           "numpy_copy": med(lambda: np.copyto(buf.numpy(), image.numpy()))}
+    torch.set_num_threads(1)
+    out["torch_copy_1_thread"] = med(lambda: buf.copy_(image))
+    torch.set_num_threads(threads)
+    out["omp_env"] = {k: v for k, v in os.environ.items() if "OMP" in k or "MKL" in k or "THREADS" in k}
+    return out
 
 
 def summary(results: dict, layer_neg: int) -> None:
