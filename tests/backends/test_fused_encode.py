@@ -153,3 +153,17 @@ def test_native_fused_encode_matches_eager(hf_tiny_path, fused_encoder, monkeypa
     for layer in layers:
         assert rel(fused[layer], eager[layer]) <= TOL, layer
         assert not torch.equal(fused[layer], eager[layer])
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_gelu_epilogue_is_the_gelu_of_the_linear(device):
+    """The fused vision fc1: torch._addmm_activation(use_gelu=True) is a GELU of x Wᵀ + b (cuBLASLt's tanh
+    GELU_BIAS epilogue on CUDA; its CPU kernel uses the erf GELU, 3e-5 away, so the CPU keeps the eager twin)."""
+    g = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(*s, generator=g).to(device) for s in ((2, 37, 48), (80, 48), (80,)))
+    want = fusion.linear_gelu_tanh(x, w, b)
+    op = torch._addmm_activation(b, x.reshape(-1, 48), w.t(), use_gelu=True).view(2, 37, 80)
+    assert rel(op, want) <= 1e-4 and rel(op, torch.relu(torch.nn.functional.linear(x, w, b))) > 1e-2
+    fused = fusion.linear_gelu_tanh_epilogue(x, w, b)
+    assert torch.equal(fused, want) if device == "cpu" else rel(fused, want) <= 1e-4
+    assert fusion.EAGER.linear_gelu_tanh is fusion.linear_gelu_tanh

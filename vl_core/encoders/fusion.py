@@ -74,7 +74,23 @@ def silu_mul(g, u):
     return F.silu(g) * u
 
 
+def linear_gelu_tanh(x, w, b):
+    """GELU_tanh(x Wᵀ + b) (the vision MLP's first layer)."""
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+
+def linear_gelu_tanh_epilogue(x, w, b):
+    """linear_gelu_tanh with the GELU in the GEMM's epilogue on CUDA (cuBLASLt GELU_BIAS, through
+    torch._addmm_activation: one kernel instead of GEMM + a GELU pass over [R, 4·D]); eager elsewhere."""
+    if b is None or not x.is_cuda or not hasattr(torch, "_addmm_activation"):
+        return linear_gelu_tanh(x, w, b)
+    y = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
 STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_rope, silu_mul)}
+EAGER_ONLY = {"linear_gelu_tanh": linear_gelu_tanh}                # steps torch.compile does not take over:
+FUSED_ONLY = {"linear_gelu_tanh": linear_gelu_tanh_epilogue}       # their fused form is a library kernel
 
 
 class _Steps:
@@ -85,7 +101,7 @@ class _Steps:
         self.fused = fused
 
 
-EAGER = _Steps(STEPS, fused=False)
+EAGER = _Steps({**STEPS, **EAGER_ONLY}, fused=False)
 
 
 # ------------------------------------------------------------------ compiled steps (one process-wide set)
@@ -134,7 +150,8 @@ class _Compiler:
 
     def compiled(self) -> _Steps:
         if self.steps is None:
-            self.steps = _Steps({name: torch.compile(fn, fullgraph=True) for name, fn in STEPS.items()}, fused=True)
+            self.steps = _Steps({**{name: torch.compile(fn, fullgraph=True) for name, fn in STEPS.items()},
+                                 **FUSED_ONLY}, fused=True)
         return self.steps
 
     def warm(self, key: Hashable, examples: dict, device: torch.device) -> None:

@@ -110,9 +110,9 @@ class Qwen3VLRunner:
 
     # ------------------------------------------------------------------ primitive ops
 
-    def _linear(self, m, x):
+    def _linear(self, m, x, fn=F.linear):
         w, b, tok = self.weights.get(m)
-        y = F.linear(x, w, b)
+        y = fn(x, w, b)
         if tok is not None:
             self.weights.release(m, w, b, tok)
         return y
@@ -213,7 +213,7 @@ class Qwen3VLRunner:
             o = F.scaled_dot_product_attention(q, k, val)
             x, y = self._add_norm(blk.norm2, x, self._linear(blk.attn.proj, o.transpose(1, 2).reshape(bsz, p, heads * hd)),
                                   rms=False)
-            y = F.gelu(self._linear(blk.mlp.linear_fc1, y), approximate="tanh")
+            y = self._linear(blk.mlp.linear_fc1, y, self._ops.linear_gelu_tanh)
             r = self._linear(blk.mlp.linear_fc2, y)
             j = ds_index.get(i)
             if j is not None or i == last:
