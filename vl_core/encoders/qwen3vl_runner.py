@@ -39,12 +39,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import preprocess
 from ..checks import require_choice
 from .fusion import EAGER, Fusion
 from .graph_cache import GraphCache
 from .qwen3vl_spec import Qwen3VLSpec, check_modules
-from .qwen3vl_tables import mrope_positions, signed_sin, text_rope, vision_tables
+from .qwen3vl_tables import mrope_positions, signed_sin, text_rope
+from .qwen3vl_vision import VisionTower
 from .weights import DirectWeights, HostStaging, normalize_device
 
 SDPA_MODES = ("auto", "cudnn", "flash", "efficient", "math")
@@ -71,7 +71,7 @@ def sdpa_context(mode: str, device: torch.device):
         return sdpa_kernel(order)
 
 
-class Qwen3VLRunner:
+class Qwen3VLRunner(VisionTower):
     """Runs a Qwen3-VL's `visual` and language model (`embed_tokens`, `layers`, `norm`) module objects.
 
     dtype: the compute dtype (normally the weights' dtype); device: where it runs. `check()` validates
@@ -156,81 +156,6 @@ class Qwen3VLRunner:
     def upload(self, t: torch.Tensor) -> torch.Tensor:
         """t on the runner's device (CPU tensors through pinned staging buffers, asynchronously)."""
         return self.staging.upload(t, self.device)
-
-    # ------------------------------------------------------------------ tables (cached per grid, on device)
-
-    def _vision_tables(self, gh: int, gw: int):
-        key = (self.spec, gh, gw, self.device, self.dtype)
-        hit = self._tables.get(key)
-        if hit is None:
-            idx, wts, cos, sin = vision_tables(gh, gw, self.spec)
-            sin = signed_sin(sin)
-            pin = self.device.type == "cuda"
-            hit = tuple((t.pin_memory() if pin else t).to(self.device, non_blocking=True)
-                        for t in (idx, wts))
-            hit += tuple((t.to(self.dtype).pin_memory() if pin else t.to(self.dtype)).to(self.device, non_blocking=True)
-                         for t in (cos, sin))
-            self._tables[key] = hit
-            while len(self._tables) > self.TABLE_CACHE:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return hit
-
-    # ------------------------------------------------------------------ vision tower
-
-    def vision(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """images [B, H, W, 3] (0..1, one size) → (merged [B, P/m², D], DeepStack features [B, P/m², D] each)."""
-        s, v = self.spec, self.visual
-        bsz, h, w, _ = images.shape
-        gh, gw = h // s.patch_size, w // s.patch_size
-        patches = torch.stack([preprocess.to_patches(im, s.patch_size, s.temporal_patch_size, s.merge_size,
-                                                     s.image_mean, s.image_std)[0] for im in images])
-        p = patches.shape[1]
-        idx, wts, cos, sin = self._vision_tables(gh, gw)
-
-        pw, pb, tok = self.weights.get(v.patch_embed.proj)       # Conv3d with kernel == stride: one matmul
-        x = F.linear(patches.to(self.dtype), pw.reshape(pw.shape[0], -1), pb)
-        if tok is not None:
-            self.weights.release(v.patch_embed.proj, pw, pb, tok)
-        ew, _, tok = self.weights.get(v.pos_embed)
-        pos = (F.embedding(idx, ew).float() * wts[:, :, None]).sum(1).to(self.dtype)     # [P, hv]
-        if tok is not None:
-            self.weights.release(v.pos_embed, ew, None, tok)
-        x = x + pos
-
-        heads, hd = s.vision_heads, s.vision_head_dim
-        cos4, sin4 = (t.repeat(bsz, 1)[:, None, None, :] for t in (cos, sin))   # [B·P, 1, 1, hd] over (qk, heads)
-        ds_index = {layer: j for j, layer in enumerate(s.deepstack_indexes)}
-        deepstack: list = [None] * len(s.deepstack_indexes)
-        r = None                        # the MLP output not yet added to x (fused into the next norm)
-        last = len(v.blocks) - 1
-        for i, blk in enumerate(v.blocks):
-            x, y = self._add_norm(blk.norm1, x, r, rms=False)
-            qkv = self._linear(blk.attn.qkv, y).view(bsz * p, 3, heads, hd)
-            q, k = self._ops.qkv_rope(qkv, cos4, sin4)
-            q, k, val = (t.view(bsz, p, heads, hd).transpose(1, 2) for t in (q, k, qkv[:, 2]))
-            o = F.scaled_dot_product_attention(q, k, val)
-            x, y = self._add_norm(blk.norm2, x, self._linear(blk.attn.proj, o.transpose(1, 2).reshape(bsz, p, heads * hd)),
-                                  rms=False)
-            y = self._linear(blk.mlp.linear_fc1, y, self._ops.linear_gelu_tanh)
-            r = self._linear(blk.mlp.linear_fc2, y)
-            j = ds_index.get(i)
-            if j is not None or i == last:
-                x, r = x + r, None
-            if j is not None:
-                deepstack[j] = self._merger(v.deepstack_merger_list[j], x, postshuffle=True)
-        return self._merger(v.merger, x, postshuffle=False), deepstack
-
-    def _merger(self, m, x, postshuffle: bool):
-        bsz, p, hv = x.shape
-        md = hv * self.spec.merge_size ** 2
-        if postshuffle or m.norm.weight.numel() == md:
-            y = self._layer_norm(m.norm, x.reshape(bsz, p // self.spec.merge_size ** 2, md))
-        else:
-            y = self._layer_norm(m.norm, x).reshape(bsz, p // self.spec.merge_size ** 2, md)
-        y = F.gelu(self._linear(m.linear_fc1, y))
-        return self._linear(m.linear_fc2, y)
 
     # ------------------------------------------------------------------ language model
 
