@@ -608,6 +608,9 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     res["gpu_replay_ms"] = parts.get("gpu replay", {}).get("median_ms")
     res["host_parts_ms"] = {k: v["median_ms"] for k, v in parts.items() if k != "gpu replay"}
     res["host_copy"] = host_copy_probe(image)
+    if os.environ.get("ZIMAGE_VL_BENCH_IDLE_S"):      # does a slow copy recover once the process idles?
+        time.sleep(float(os.environ["ZIMAGE_VL_BENCH_IDLE_S"]))
+        res["host_copy_after_idle"] = host_copy_probe(image)
     graphs = counters["stats"]["unique_graphs"]
     other = torch.rand(size // 2, size // 2, 3, generator=g)
     t0 = time.perf_counter()

@@ -125,6 +125,11 @@ def _use_cache_dir() -> None:
 
     if os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") is None:      # the user's explicit choice wins
         inductor_config.fx_graph_cache = True
+    if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") is None:
+        # compile in this process: a pool of worker processes (one per core, each importing torch) is still
+        # booting when a warm-cache compile is done, and its CPU load slowed torch's multi-threaded staging
+        # copy of the next encodes from 0.13 to 8 ms (measured on an H200 machine, bench/README.md)
+        inductor_config.compile_threads = 1
     try:
         import torch._functorch.config as functorch_config
 
