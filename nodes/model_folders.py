@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..vl_core.encoders.transformers_qwen3vl import check_qwen3vl_folder
+from ..vl_core.encoders.hf_folder import check_qwen3vl_folder
 
 VL_FOLDER_KEYS = ("text_encoders", "LLM")
 MAX_FOLDER_DEPTH = 3          # models/LLM/<org>/<name>/config.json is found; deeper is not

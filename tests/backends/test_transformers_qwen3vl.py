@@ -14,7 +14,8 @@ import torch
 import transformers
 
 from vl_core import extract, preprocess
-from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL, check_qwen3vl_folder
+from vl_core.encoders.hf_folder import check_qwen3vl_folder
+from vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
 from vl_core.layout import tokenize_chat
 from vl_core.types import VLEmbeds
 
@@ -430,7 +431,7 @@ def test_loader_reads_safetensors_only(hf_tiny_path, tmp_path, monkeypatch):
 
 def test_backend_refuses_transformers_4(hf_tiny_path):
     """Below transformers 5 the backend is refused with the fix, before any model is built."""
-    from vl_core.encoders.transformers_qwen3vl import require_transformers_for_backend
+    from vl_core.encoders.hf_folder import require_transformers_for_backend
 
     for old in ("4.57.1", "4.50.3"):
         with pytest.raises(ValueError, match=r"needs transformers >= 5\.0, this environment has 4\.5.*CLIPLoader"):
