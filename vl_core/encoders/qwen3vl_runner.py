@@ -27,7 +27,7 @@ only if they differ). The ComfyUI backend passes one that goes through ComfyUI's
 modules it manages (lowvram / dynamic VRAM / LoRA weight functions). Tables: qwen3vl_tables.py; CUDA
 graphs of repeated encodes: a GraphCache (graph_cache.py) the runner's owner creates and releases. The
 elementwise steps between the matmuls (residual add + norm, q/k norm + RoPE, SiLU·mul) come from fusion.py:
-their eager twins until the process has compiled them (torch.compile, off on the CPU / ZIMAGE_VL_COMPILE=0).
+their eager twins unless the process has compiled them (torch.compile: opt-in, ZIMAGE_VL_COMPILE=auto; off on the CPU).
 Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Qwen3VLRunner(VisionTower):
 
     dtype: the compute dtype (normally the weights' dtype); device: where it runs. `check()` validates
     the module layout against the spec once (raises UnsupportedModel with the reason). fusion: a Fusion, or its
-    mode (None: env ZIMAGE_VL_COMPILE, default "auto" = compiled steps on CUDA once ready).
+    mode (None: env ZIMAGE_VL_COMPILE, unset = "off"; "auto" = compiled steps on CUDA once ready).
     """
 
     TABLE_CACHE = 32
