@@ -137,6 +137,14 @@ def test_compile_cache_dir_is_outside_the_repo(monkeypatch, tmp_path):
     assert fusion.compile_cache_dir() == str(tmp_path / "mine")
 
 
+def test_compile_workers_only_for_an_empty_cache(tmp_path):
+    assert fusion.compile_threads(str(tmp_path / "missing"), 16) == 16
+    (tmp_path / "fxgraph").mkdir()
+    assert fusion.compile_threads(str(tmp_path), 16) == 16          # the folder alone: nothing compiled yet
+    (tmp_path / "fxgraph" / "ab").mkdir()
+    assert fusion.compile_threads(str(tmp_path), 16) == 1
+
+
 @pytest.mark.skipif(tiny_models.comfy_path() is None, reason="needs a ComfyUI host (COMFYUI_PATH)")
 def test_native_fused_encode_matches_eager(hf_tiny_path, fused_encoder, monkeypatch):
     native_clip = tiny_models.import_pack("nodes.native_clip")

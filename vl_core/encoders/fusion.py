@@ -115,6 +115,20 @@ def compile_cache_dir() -> str:
     return path
 
 
+def compile_threads(cache_dir: str, default: int) -> int:
+    """Inductor's compile workers for this process: 1 (compile in-process) once the disk cache holds compiled
+    graphs, else `default` (a worker pool). Measured on an H200 machine (bench/README.md): after a warm-cache
+    compile (≈ 4 s) the pool's worker processes, each importing torch, were still booting and slowed torch's
+    multi-threaded staging copy of the next encodes from 0.13 to 8 ms; compiling Triton kernels in-process from
+    an empty cache held the interpreter long enough to slow the first encode ×4."""
+    try:
+        with os.scandir(os.path.join(cache_dir, "fxgraph")) as entries:
+            warm = any(entries)
+    except OSError:
+        warm = False
+    return 1 if warm else default
+
+
 def _use_cache_dir() -> None:
     """Point inductor's on-disk caches at compile_cache_dir() unless the user chose one (TORCHINDUCTOR_CACHE_DIR)."""
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
@@ -126,10 +140,8 @@ def _use_cache_dir() -> None:
     if os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") is None:      # the user's explicit choice wins
         inductor_config.fx_graph_cache = True
     if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") is None:
-        # compile in this process: a pool of worker processes (one per core, each importing torch) is still
-        # booting when a warm-cache compile is done, and its CPU load slowed torch's multi-threaded staging
-        # copy of the next encodes from 0.13 to 8 ms (measured on an H200 machine, bench/README.md)
-        inductor_config.compile_threads = 1
+        inductor_config.compile_threads = compile_threads(os.environ["TORCHINDUCTOR_CACHE_DIR"],
+                                                          inductor_config.compile_threads)
     try:
         import torch._functorch.config as functorch_config
 
