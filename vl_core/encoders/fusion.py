@@ -218,9 +218,9 @@ def _triton_available() -> bool:
 
 
 def mode_from_env(value: str | None = None) -> str:
-    """The mode ZIMAGE_VL_COMPILE asks for (unset: "off" — opt in with auto: measured on an H200, a process that
-    loads the kernels from the disk cache replayed slower than today's path (29.5 vs 27.8 ms, cause open) and
-    the background compile slows the rest of the process for seconds; bench/README.md "VL encode")."""
+    """The mode ZIMAGE_VL_COMPILE asks for (unset: "off" — opt in with auto: the compile cache is written outside
+    the pack's folder and the background compile slows the rest of the process for seconds; bench/README.md
+    "VL encode")."""
     value = (os.environ.get(ENV_MODE, "off") if value is None else value).strip().lower()
     return {"0": "off", "false": "off", "no": "off", "": "off", "1": "on", "true": "on", "yes": "on"}.get(value, value)
 
