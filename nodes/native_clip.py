@@ -267,7 +267,7 @@ class NativeQwen3VLEncoder:
         if reason is None:
             token = ensure_loaded(self.clip.patcher,
                                   memory_required=activation_bytes(self._spec, num_tokens, sizes, batch))
-            reason = self._fast_blocker(loaded=token or True)
+            reason = self._fast_blocker(loaded=True, token=token)
         if reason is not None:
             if self.engine == "fast":
                 raise RuntimeError(f"VL Encode (native): the fast path does not apply: {reason}")
@@ -294,9 +294,9 @@ class NativeQwen3VLEncoder:
             return torch.bfloat16
         return torch.float32
 
-    def _fast_blocker(self, loaded=False) -> str | None:
-        """Why the fast path cannot run on this clip (None if it can). loaded: the model was just loaded; its
-        residency token (offload.residency) lets the weight check be reused while ComfyUI has not touched them."""
+    def _fast_blocker(self, loaded: bool = False, token: tuple | None = None) -> str | None:
+        """Why the fast path cannot run on this clip (None if it can). loaded: the model was just loaded; token:
+        its residency (offload.residency), under which the weight check is reused while ComfyUI leaves them be."""
         if self._spec is None and self._spec_error is None:
             try:
                 spec = spec_from_comfy(self._transformer)
@@ -319,7 +319,6 @@ class NativeQwen3VLEncoder:
         if loaded:
             if self._modules_list is None:    # ComfyUI may swap the tensors inside the tree (loads, LoRA)
                 self._modules_list = list(self._transformer.named_modules())
-            token = loaded if isinstance(loaded, tuple) else None
             if token is None or self._weights_checked[0] != token:
                 self._weights_checked = (token, unsupported_weights(self._modules_list))
             return self._weights_checked[1]
