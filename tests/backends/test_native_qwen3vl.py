@@ -427,10 +427,11 @@ def test_resident_model_is_not_reloaded_until_comfy_touches_it(native_clip, load
     assert load_calls["load"] == 1
 
 
-def test_transformers_vl_model_skips_reload_while_resident(hf_tiny_path, load_calls):
+def test_transformers_vl_model_skips_reload_while_resident(hf_tiny_path, hf_encoder, load_calls):
     vl = transformers_model.load_transformers_vl(hf_tiny_path, "fp32")
     image = picture(64, 96, 41)
     first = vl.encode([image], PROMPT, [2], "after_image")
+    assert torch.equal(first.hidden[2], hf_encoder.encode([image], PROMPT, [2], "after_image").hidden[2])
     load_calls.update(load=0)
     assert torch.equal(vl.encode([image], PROMPT, [2], "after_image").hidden[2], first.hidden[2])
     assert load_calls["load"] == 0
