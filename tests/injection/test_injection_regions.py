@@ -363,3 +363,20 @@ def test_a_biased_concat_chained_with_extra_attention_keeps_both(host, base, vl,
     alone = {key: host.sample(apply(host, base, v, node_id=key, **kw), steps=2, size=SMALL) for v, key, kw in steps}
     for key, out in alone.items():
         assert not torch.allclose(both, out), key
+
+
+@pytest.mark.parametrize("mode", ["matched", "clean"])
+def test_reference_pass_stops_inside_the_deepest_chosen_block(host, base, ref_latent, mode):
+    """The reference runs every block before the deepest chosen one whole, and of that block only up to its
+    attention call (its keys/values): its feed-forward and every deeper block run for the generated image alone."""
+    dit = base.get_model_object("diffusion_model")
+    runs = [0] * len(dit.layers)
+    hooks = [layer.feed_forward.register_forward_pre_hook(lambda m, a, j=j: runs.__setitem__(j, runs[j] + 1))
+             for j, layer in enumerate(dit.layers)]
+    try:
+        one_step(host, apply(host, base, None, method="reference_attention", block_weights="0, 1",
+                             reference=ref_latent, reference_noise=mode))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert runs == [2, 1] + [1] * (len(dit.layers) - 2)
