@@ -423,7 +423,7 @@ def main(argv=None):
         print(f"encode_many vs single: max rel {results['checks']['encode_many_vs_single_max_rel']:.2e}", flush=True)
 
     if "hostparts" not in skip:
-        results["host_parts"] = host_parts_section(native, tr, native_clip, transformers_model, tq, layer, g,
+        results["host_parts"] = host_parts_section(native, tr, native_clip, tq, layer, g,
                                                    1024 if not args.tiny else 64, args.reps)
 
     if args.profile:
@@ -467,7 +467,7 @@ def profile(device, fns: dict, image) -> dict:
     return out
 
 
-def host_parts_section(native, tr, native_clip, transformers_model, tq, layer, g, size, reps) -> dict:
+def host_parts_section(native, tr, native_clip, tq, layer, g, size, reps) -> dict:
     """host_parts.py on both backends' graph-replayed encodes (fusion as configured for those encoders)."""
     import torch
     from host_parts import host_parts
