@@ -1,8 +1,9 @@
 """Load / unload one model through ComfyUI model management (both VL backends).
 
 `ensure_loaded` skips `load_models_gpu` when the model is already fully resident, unchanged and there is room
-for the encode's activations: in ComfyUI 0.29 a call on a loaded model still ejects, re-patches and re-hooks
-it (≈ 2.5–2.9 ms of host time per encode on an H200 machine, bench/README.md "VL encode").
+for the encode's activations: in ComfyUI 0.29 a call on a loaded model still detaches, re-patches and re-hooks
+it (≈ 2.5–2.9 ms of host time per encode on an H200 machine, bench/README.md "VL encode"). What the skip leaves
+out: moving the model to the front of ComfyUI's loaded list (a tie-break in its unload order).
 """
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def residency(patcher) -> tuple | None:
     model = getattr(patcher, "model", None)
     if model is None or patcher.is_dynamic() or getattr(patcher, "forced_hooks", None) is not None:
         return None
+    if model_management.DISABLE_SMART_MEMORY:     # there, every load also unloads the device's other models
+        return None
+    # another clone's object patches / injections still in the (shared) module: loading puts ours back
+    if set(getattr(patcher, "object_patches_backup", {})) != set(getattr(patcher, "object_patches", {})):
+        return None
+    if getattr(patcher, "injections", None) and not getattr(patcher, "is_injected", False):
+        return None
     if patcher.model_patches_models() or getattr(model, "model_lowvram", True):
         return None
     if getattr(model, "model_loaded_weight_memory", 0) <= 0:
@@ -23,9 +31,14 @@ def residency(patcher) -> tuple | None:
         return None
     if patcher.current_loaded_device() != patcher.load_device:
         return None
-    if not any(m is patcher for m in model_management.loaded_models()):
+    if _entry(patcher) is None:
         return None
     return (id(model), patcher.patches_uuid, model.model_loaded_weight_memory, str(patcher.load_device))
+
+
+def _entry(patcher):
+    """ComfyUI's LoadedModel record of this very patcher, or None."""
+    return next((m for m in model_management.current_loaded_models if m.model is patcher), None)
 
 
 def ensure_loaded(patcher, memory_required: int = 0, force_full_load: bool = False) -> tuple | None:
@@ -37,6 +50,7 @@ def ensure_loaded(patcher, memory_required: int = 0, force_full_load: bool = Fal
         needed = max(model_management.minimum_inference_memory(),
                      memory_required + model_management.extra_reserved_memory())
         if model_management.is_device_cpu(device) or model_management.get_free_memory(device) >= needed:
+            _entry(patcher).currently_used = True     # as load_models_gpu marks it
             return token
     model_management.load_models_gpu([patcher], memory_required=memory_required, force_full_load=force_full_load)
     return residency(patcher)

@@ -137,12 +137,23 @@ def test_compile_cache_dir_is_outside_the_repo(monkeypatch, tmp_path):
     assert fusion.compile_cache_dir() == str(tmp_path / "mine")
 
 
-def test_compile_workers_only_for_an_empty_cache(tmp_path):
-    assert fusion.compile_threads(str(tmp_path / "missing"), 16) == 16
-    (tmp_path / "fxgraph").mkdir()
-    assert fusion.compile_threads(str(tmp_path), 16) == 16          # the folder alone: nothing compiled yet
-    (tmp_path / "fxgraph" / "ab").mkdir()
+def test_compile_workers_only_until_the_pack_compiled_into_the_cache(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    (tmp_path / "fxgraph" / "ab").mkdir(parents=True)          # another compile's graphs do not count
+    assert fusion.compile_threads(str(tmp_path), 16) == 16
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    before = inductor_config.compile_threads
+    fusion._Compiler().warm(("threads-test",), {}, torch.device("cpu"))   # a warm-up that succeeds
+    assert inductor_config.compile_threads == before               # the process's setting is back
     assert fusion.compile_threads(str(tmp_path), 16) == 1
+    with fusion._warm_up_compile_threads():
+        assert inductor_config.compile_threads == 1
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    with fusion._warm_up_compile_threads():
+        assert inductor_config.compile_threads == before           # the env var wins (inductor reads it)
+    assert inductor_config.compile_threads == before
 
 
 @pytest.mark.skipif(tiny_models.comfy_path() is None, reason="needs a ComfyUI host (COMFYUI_PATH)")

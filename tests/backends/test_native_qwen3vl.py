@@ -427,6 +427,27 @@ def test_resident_model_is_not_reloaded_until_comfy_touches_it(native_clip, load
     assert load_calls["load"] == 1
 
 
+def test_a_freed_clones_object_patch_is_undone_before_the_fast_path(native_clip, load_calls):
+    """Another node's clone with an object patch (no weight patch: same patches_uuid) is loaded, then freed:
+    ComfyUI hands its loaded record to the original, whose module still holds the patch until a load undoes it."""
+    import gc
+
+    image, layers = picture(64, 64, 42), [2, 4]
+    enc = native_clip_mod.NativeQwen3VLEncoder(native_clip)
+    first = enc.encode([image], PROMPT, layers, "after_image")
+    other = native_clip.clone()
+    key = next(k for k in other.patcher.model_state_dict() if k.endswith("layers.0.mlp.down_proj.weight"))
+    weight = other.patcher.model_state_dict()[key]
+    other.patcher.add_object_patch(key, torch.nn.Parameter(torch.randn_like(weight), requires_grad=False))
+    model_management.load_models_gpu([other.patcher])
+    del other
+    gc.collect()
+    load_calls.update(load=0)
+    again = enc.encode([image], PROMPT, layers, "after_image")
+    assert load_calls["load"] == 1 and enc.last_path == "fast"
+    assert all(torch.equal(again.hidden[k], first.hidden[k]) for k in layers)
+
+
 def test_transformers_vl_model_skips_reload_while_resident(hf_tiny_path, hf_encoder, load_calls):
     vl = transformers_model.load_transformers_vl(hf_tiny_path, "fp32")
     image = picture(64, 96, 41)

@@ -115,18 +115,35 @@ def compile_cache_dir() -> str:
     return path
 
 
+def _compiled_marker(cache_dir: str) -> str:
+    """A file the pack writes into the inductor cache after its steps compiled there under this torch version."""
+    return os.path.join(cache_dir, f"zimage-vl-compiled-torch-{torch.__version__}")
+
+
 def compile_threads(cache_dir: str, default: int) -> int:
-    """Inductor's compile workers for this process: 1 (compile in-process) once the disk cache holds compiled
-    graphs, else `default` (a worker pool). Measured on an H200 machine (bench/README.md): after a warm-cache
-    compile (≈ 4 s) the pool's worker processes, each importing torch, were still booting and slowed torch's
-    multi-threaded staging copy of the next encodes from 0.13 to 8 ms; compiling Triton kernels in-process from
-    an empty cache held the interpreter long enough to slow the first encode ×4."""
-    try:
-        with os.scandir(os.path.join(cache_dir, "fxgraph")) as entries:
-            warm = any(entries)
-    except OSError:
-        warm = False
-    return 1 if warm else default
+    """Inductor's compile workers for the pack's warm-up: 1 (compile in-process) once its steps were compiled into
+    this cache by this torch version, else `default` (a worker pool). Measured on an H200 machine
+    (bench/README.md): after a warm-cache compile (≈ 4 s) the pool's worker processes, each importing torch, were
+    still booting and slowed torch's multi-threaded staging copy of the next encodes from 0.13 to 8 ms;
+    compiling Triton kernels in-process from an empty cache held the interpreter long enough to slow the first
+    encode ×4."""
+    return 1 if os.path.exists(_compiled_marker(cache_dir)) else default
+
+
+@contextlib.contextmanager
+def _warm_up_compile_threads():
+    """compile_threads() for the duration of the pack's warm-up, then the process's setting again (the setting is
+    process-wide: another compile in the process during those seconds sees it too); the env var
+    TORCHINDUCTOR_COMPILE_THREADS wins."""
+    import torch._inductor.config as inductor_config
+
+    if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") is not None:
+        yield
+        return
+    threads = compile_threads(os.environ.get("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir()),
+                              inductor_config.compile_threads)
+    with inductor_config.patch(compile_threads=threads):
+        yield
 
 
 def _use_cache_dir() -> None:
@@ -139,9 +156,6 @@ def _use_cache_dir() -> None:
 
     if os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") is None:      # the user's explicit choice wins
         inductor_config.fx_graph_cache = True
-    if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") is None:
-        inductor_config.compile_threads = compile_threads(os.environ["TORCHINDUCTOR_CACHE_DIR"],
-                                                          inductor_config.compile_threads)
     try:
         import torch._functorch.config as functorch_config
 
@@ -184,7 +198,7 @@ class _Compiler:
             _use_cache_dir()
             steps = self.compiled()
             guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-            with guard, torch.inference_mode():
+            with guard, torch.inference_mode(), _warm_up_compile_threads():
                 for name, args in examples.items():
                     for a in args:
                         if isinstance(a, torch.Tensor) and a.ndim >= 2:
@@ -195,6 +209,8 @@ class _Compiler:
             with self.lock:
                 self.warmed.add(key)
                 self.seconds[key] = time.perf_counter() - t0
+            with contextlib.suppress(OSError):        # a read-only cache: the next process uses the pool again
+                open(_compiled_marker(os.environ["TORCHINDUCTOR_CACHE_DIR"]), "a").close()
             log.info("Qwen3-VL runner: fused kernels ready in %.1f s (cache %s)", self.seconds[key],
                      os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         except Exception as e:  # noqa: BLE001 - fusion is an optimisation: fall back to eager for good
