@@ -476,11 +476,8 @@ def host_parts_section(native, tr, native_clip, tq, layer, g, size, reps) -> dic
     out = {"native": native_host_parts(native, native_clip, image, layer, reps)}
     runner = runner_of(tr)
     parts = {"_load (ensure_loaded)": (tr, "_load"), "fast_runner": (tr.encoder, "fast_runner"),
-             "tokenize": (tr.encoder, "tokenize"), "runner.upload": (runner, "upload"),
-             "staging event wait": (torch.cuda.Event, "synchronize"),
-             "runner.forward": (runner, "forward"), "runner._graph_key": (runner, "_graph_key"),
-             "fusion.ops": (runner.fusion, "ops"), "to_output (waits for the GPU)": (tq, "to_output"),
-             "_finish": (tr.encoder, "_finish")}
+             "tokenize": (tr.encoder, "tokenize"), **runner_parts(runner),
+             "to_output (waits for the GPU)": (tq, "to_output"), "_finish": (tr.encoder, "_finish")}
     out["transformers"] = host_parts(lambda: tr.encode([image], PROMPT, [layer], "after_image"), tr, runner,
                                      parts, reps)
     for backend, rows in out.items():
@@ -489,9 +486,17 @@ def host_parts_section(native, tr, native_clip, tq, layer, g, size, reps) -> dic
     return out
 
 
+def runner_parts(runner) -> dict:
+    """The fast runner's own parts (both backends share it)."""
+    import torch
+
+    return {"runner.upload": (runner, "upload"), "staging event wait": (torch.cuda.Event, "synchronize"),
+            "runner.forward": (runner, "forward"), "runner._graph_key": (runner, "_graph_key"),
+            "fusion.ops": (runner.fusion, "ops")}
+
+
 def native_host_parts(native, native_clip, image, layer, reps) -> dict:
     """host_parts.py over one native encoder's repeated encode of `image`."""
-    import torch
     from host_parts import host_parts
 
     runner = runner_of(native)
@@ -499,9 +504,7 @@ def native_host_parts(native, native_clip, image, layer, reps) -> dict:
              "load_models_gpu": (native_clip.model_management, "load_models_gpu"),
              "weight check": (native_clip, "unsupported_weights"), "_chat": (native, "_chat"),
              "_sizes": (native, "_sizes"), "_layout": (native, "_layout"), "_fast_runner": (native, "_fast_runner"),
-             "runner.upload": (runner, "upload"), "staging event wait": (torch.cuda.Event, "synchronize"),
-             "runner.forward": (runner, "forward"),
-             "runner._graph_key": (runner, "_graph_key"), "fusion.ops": (runner.fusion, "ops"),
+             **runner_parts(runner),
              "to_output (waits for the GPU)": (native_clip, "to_output"), "_embeds": (native, "_embeds")}
     return host_parts(lambda: native.encode([image], PROMPT, [layer], "after_image"), native, runner, parts, reps)
 
@@ -644,7 +647,7 @@ def host_copy_probe(image) -> dict:
     torch.set_num_threads(1)
     out["torch_copy_1_thread"] = med(lambda: buf.copy_(image))
     torch.set_num_threads(threads)
-    out["omp_env"] = {k: v for k, v in os.environ.items() if "OMP" in k or "MKL" in k or "THREADS" in k}
+    out["thread_env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_")) or k.endswith("_THREADS")}
     return out
 
 

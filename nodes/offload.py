@@ -13,6 +13,17 @@ import comfy.model_management as model_management
 def residency(patcher) -> tuple | None:
     """A token that changes whenever ComfyUI (re)loads, partially unloads, moves or re-patches this model's
     weights; None where the model is not fully resident on its load device unchanged (then load it)."""
+    return None if _resident_entry(patcher) is None else _token(patcher)
+
+
+def _token(patcher) -> tuple:
+    model = patcher.model
+    return (id(model), patcher.patches_uuid, model.model_loaded_weight_memory, str(patcher.load_device))
+
+
+def _resident_entry(patcher):
+    """ComfyUI's LoadedModel record of this very patcher where its model is fully resident on its load device
+    with its own patches in place, else None."""
     model = getattr(patcher, "model", None)
     if model is None or patcher.is_dynamic() or getattr(patcher, "forced_hooks", None) is not None:
         return None
@@ -31,27 +42,20 @@ def residency(patcher) -> tuple | None:
         return None
     if patcher.current_loaded_device() != patcher.load_device:
         return None
-    if _entry(patcher) is None:
-        return None
-    return (id(model), patcher.patches_uuid, model.model_loaded_weight_memory, str(patcher.load_device))
-
-
-def _entry(patcher):
-    """ComfyUI's LoadedModel record of this very patcher, or None."""
     return next((m for m in model_management.current_loaded_models if m.model is patcher), None)
 
 
 def ensure_loaded(patcher, memory_required: int = 0, force_full_load: bool = False) -> tuple | None:
     """load_models_gpu([patcher], ...) unless the model is resident (residency() is not None) and the device
     has the free memory that call would make room for; returns the residency token afterwards."""
-    token = residency(patcher)
-    if token is not None:
+    entry = _resident_entry(patcher)
+    if entry is not None:
         device = patcher.load_device
         needed = max(model_management.minimum_inference_memory(),
                      memory_required + model_management.extra_reserved_memory())
         if model_management.is_device_cpu(device) or model_management.get_free_memory(device) >= needed:
-            _entry(patcher).currently_used = True     # as load_models_gpu marks it
-            return token
+            entry.currently_used = True     # as load_models_gpu marks it
+            return _token(patcher)
     model_management.load_models_gpu([patcher], memory_required=memory_required, force_full_load=force_full_load)
     return residency(patcher)
 

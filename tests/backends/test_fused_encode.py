@@ -148,10 +148,10 @@ def test_compile_workers_only_until_the_pack_compiled_into_the_cache(tmp_path, m
     fusion._Compiler().warm(("threads-test",), {}, torch.device("cpu"))   # a warm-up that succeeds
     assert inductor_config.compile_threads == before               # the process's setting is back
     assert fusion.compile_threads(str(tmp_path), 16) == 1
-    with fusion._warm_up_compile_threads():
+    with fusion._warm_up_compile_threads(str(tmp_path)):
         assert inductor_config.compile_threads == 1
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
-    with fusion._warm_up_compile_threads():
+    with fusion._warm_up_compile_threads(str(tmp_path)):
         assert inductor_config.compile_threads == before           # the env var wins (inductor reads it)
     assert inductor_config.compile_threads == before
 

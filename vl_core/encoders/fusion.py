@@ -131,7 +131,7 @@ def compile_threads(cache_dir: str, default: int) -> int:
 
 
 @contextlib.contextmanager
-def _warm_up_compile_threads():
+def _warm_up_compile_threads(cache_dir: str):
     """compile_threads() for the duration of the pack's warm-up, then the process's setting again (the setting is
     process-wide: another compile in the process during those seconds sees it too); the env var
     TORCHINDUCTOR_COMPILE_THREADS wins."""
@@ -140,14 +140,13 @@ def _warm_up_compile_threads():
     if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") is not None:
         yield
         return
-    threads = compile_threads(os.environ.get("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir()),
-                              inductor_config.compile_threads)
-    with inductor_config.patch(compile_threads=threads):
+    with inductor_config.patch(compile_threads=compile_threads(cache_dir, inductor_config.compile_threads)):
         yield
 
 
-def _use_cache_dir() -> None:
-    """Point inductor's on-disk caches at compile_cache_dir() unless the user chose one (TORCHINDUCTOR_CACHE_DIR)."""
+def _use_cache_dir() -> str:
+    """Point inductor's on-disk caches at compile_cache_dir() unless the user chose one (TORCHINDUCTOR_CACHE_DIR);
+    the folder in use."""
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         path = compile_cache_dir()
         os.makedirs(path, exist_ok=True)
@@ -163,6 +162,7 @@ def _use_cache_dir() -> None:
             functorch_config.enable_autograd_cache = True
     except (ImportError, AttributeError):
         pass
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 class _Compiler:
@@ -195,10 +195,10 @@ class _Compiler:
         if threading.current_thread() is not threading.main_thread():   # hand the GIL back to the caller's thread
             sys.setswitchinterval(min(interval, self.SWITCH_INTERVAL))   # quickly while compiling (default 5 ms)
         try:
-            _use_cache_dir()
+            cache_dir = _use_cache_dir()
             steps = self.compiled()
             guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-            with guard, torch.inference_mode(), _warm_up_compile_threads():
+            with guard, torch.inference_mode(), _warm_up_compile_threads(cache_dir):
                 for name, args in examples.items():
                     for a in args:
                         if isinstance(a, torch.Tensor) and a.ndim >= 2:
@@ -210,9 +210,8 @@ class _Compiler:
                 self.warmed.add(key)
                 self.seconds[key] = time.perf_counter() - t0
             with contextlib.suppress(OSError):        # a read-only cache: the next process uses the pool again
-                open(_compiled_marker(os.environ["TORCHINDUCTOR_CACHE_DIR"]), "a").close()
-            log.info("Qwen3-VL runner: fused kernels ready in %.1f s (cache %s)", self.seconds[key],
-                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+                open(_compiled_marker(cache_dir), "a").close()
+            log.info("Qwen3-VL runner: fused kernels ready in %.1f s (cache %s)", self.seconds[key], cache_dir)
         except Exception as e:  # noqa: BLE001 - fusion is an optimisation: fall back to eager for good
             self.failed = f"{type(e).__name__}: {e}"
             log.warning("Qwen3-VL runner: torch.compile of the fused steps failed (%s); running eagerly", self.failed)
