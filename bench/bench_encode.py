@@ -191,7 +191,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--batch-size-px", type=int, default=1024)
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the transformers paths")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown,hostparts")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown,hostparts,hostprofile")
     ap.add_argument("--fusion", default="auto", help="fusion mode of the fused rows (fusion.MODES)")
     ap.add_argument("--cold-runs", action="store_true", help="fresh-process first-encode figures (subprocesses)")
     ap.add_argument("--cold-probe", default=None, help=argparse.SUPPRESS)   # one fresh process of --cold-runs
@@ -423,8 +423,12 @@ def main(argv=None):
         print(f"encode_many vs single: max rel {results['checks']['encode_many_vs_single_max_rel']:.2e}", flush=True)
 
     if "hostparts" not in skip:
-        results["host_parts"] = host_parts_section(native, tr, native_clip, tq, layer, g,
+        results["host_parts"] = host_parts_section(native_fused, tr_fused, native_clip, tq, layer, g,
                                                    1024 if not args.tiny else 64, args.reps)
+    if "hostprofile" not in skip:      # where the rest of the host time goes, function by function
+        image = torch.rand(*(2 * [1024 if not args.tiny else 64]), 3, generator=g)
+        for name in ("native fused", "transformers fused"):
+            host_profile(name, lambda: methods[name](image), args.reps)
 
     if args.profile:
         results["profile"] = profile(device, {"transformers hf (HF forward + hooks)": methods["transformers hf"],
@@ -461,10 +465,27 @@ def profile(device, fns: dict, image) -> dict:
         kinds = kernel_kinds(prof)
         print(f"\n===== profile: {name} (1024², one encode) =====\n"
               f"sync / copy events: {syncs}\nGPU time by kind (ms, kernels): {kinds}", flush=True)
-        print(ka.table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
+        print(ka.table(sort_by=key, row_limit=40, max_name_column_width=90), flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60), flush=True)
         out[name] = {"syncs": syncs, "kinds": kinds}
     return out
+
+
+def host_profile(name: str, fn, reps: int) -> None:
+    """cProfile of `reps` repeated encodes (after two warm ones): the top functions by own time, printed."""
+    import cProfile
+    import io
+    import pstats
+
+    fn(), fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(28)
+    print(f"\n===== host profile: {name}, {reps} encodes (ms are totals over them) =====\n{text.getvalue()}", flush=True)
 
 
 def host_parts_section(native, tr, native_clip, tq, layer, g, size, reps) -> dict:

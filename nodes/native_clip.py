@@ -263,7 +263,7 @@ class NativeQwen3VLEncoder:
         self.last_path = "host"
         if self.engine == "host":
             return None
-        reason = self._fast_blocker()
+        reason, token = self._fast_blocker(), None
         if reason is None:
             token = ensure_loaded(self.clip.patcher,
                                   memory_required=activation_bytes(self._spec, num_tokens, sizes, batch))
@@ -282,6 +282,7 @@ class NativeQwen3VLEncoder:
             self._runner = runner
         runner.dtype, runner.device = dtype, normalize_device(device)
         runner.weights = ComfyWeights(dtype, runner.device)
+        runner.pack_projections(token)
         self.last_path = "fast"
         return runner
 

@@ -8,6 +8,7 @@ out: moving the model to the front of ComfyUI's loaded list (a tie-break in its 
 from __future__ import annotations
 
 import comfy.model_management as model_management
+import torch
 
 
 def residency(patcher) -> tuple | None:
@@ -53,11 +54,19 @@ def ensure_loaded(patcher, memory_required: int = 0, force_full_load: bool = Fal
         device = patcher.load_device
         needed = max(model_management.minimum_inference_memory(),
                      memory_required + model_management.extra_reserved_memory())
-        if model_management.is_device_cpu(device) or model_management.get_free_memory(device) >= needed:
+        if model_management.is_device_cpu(device) or _free_memory_at_least(device, needed):
             entry.currently_used = True     # as load_models_gpu marks it
             return _token(patcher)
     model_management.load_models_gpu([patcher], memory_required=memory_required, force_full_load=force_full_load)
     return residency(patcher)
+
+
+def _free_memory_at_least(device, needed: int) -> bool:
+    """get_free_memory(device) >= needed. On CUDA the driver's free bytes alone (a lower bound of it: ComfyUI adds
+    torch's reserved-but-unused bytes) answer most calls in microseconds; its torch.cuda.memory_stats costs ≈ 0.2 ms."""
+    if getattr(device, "type", None) == "cuda" and torch.cuda.mem_get_info(device)[0] >= needed:
+        return True
+    return model_management.get_free_memory(device) >= needed
 
 
 def offload_patcher(patcher) -> bool:

@@ -64,8 +64,11 @@ class TransformersVLModel:
 
     def _load(self) -> None:
         # full load: the HF modules have no ComfyUI weight casting, so a partial (lowvram) load cannot run
-        ensure_loaded(self.patcher, force_full_load=True)
+        token = ensure_loaded(self.patcher, force_full_load=True)
         self.encoder.output_device = model_management.intermediate_device()
+        runner = self.encoder.fast_runner()
+        if runner is not None:
+            runner.pack_projections(token)
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         self._load()

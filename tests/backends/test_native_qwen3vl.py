@@ -22,6 +22,7 @@ model_folders = tiny_models.import_pack("nodes.model_folders")
 transformers_model = tiny_models.import_pack("nodes.transformers_model")
 extract = tiny_models.import_pack("vl_core.extract")
 preprocess = tiny_models.import_pack("vl_core.preprocess")
+weights_mod = tiny_models.import_pack("vl_core.encoders.weights")
 
 import comfy.model_management as model_management  # noqa: E402  (after conftest's prepare_comfy)
 import folder_paths  # noqa: E402
@@ -31,6 +32,12 @@ PROMPT = "a red cat on a blue sofa"
 
 def picture(h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def packed_layers(lm) -> int:
+    """Decoder layers whose q/k/v weights are one block (the runner's single-GEMM path)."""
+    return sum(weights_mod.joint_rows([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                       layer.self_attn.v_proj.weight]) is not None for layer in lm.layers)
 
 
 @pytest.fixture(scope="module")
@@ -452,6 +459,9 @@ def test_transformers_vl_model_skips_reload_while_resident(hf_tiny_path, hf_enco
     vl = transformers_model.load_transformers_vl(hf_tiny_path, "fp32")
     image = picture(64, 96, 41)
     first = vl.encode([image], PROMPT, [2], "after_image")
+    lm = vl.encoder.model.model.language_model
+    assert packed_layers(lm) == len(lm.layers)          # q/k/v packed after the load: one GEMM, same numbers
+    assert packed_layers(hf_encoder.model.model.language_model) == 0
     assert torch.equal(first.hidden[2], hf_encoder.encode([image], PROMPT, [2], "after_image").hidden[2])
     load_calls.update(load=0)
     assert torch.equal(vl.encode([image], PROMPT, [2], "after_image").hidden[2], first.hidden[2])
@@ -459,3 +469,51 @@ def test_transformers_vl_model_skips_reload_while_resident(hf_tiny_path, hf_enco
     assert vl.offload() is True
     assert torch.equal(vl.encode([image], PROMPT, [2], "after_image").hidden[2], first.hidden[2])
     assert load_calls["load"] == 1 and any(m.model is vl.patcher for m in model_management.current_loaded_models)
+
+
+def test_projections_are_packed_after_every_load_and_patches_still_run(native_clip, host, load_calls, monkeypatch):
+    """The fast path stores each layer's q/k/v weights as one block after ComfyUI loads them (same values, same
+    bytes); a LoRA-like patch of a packed q_proj on a clone, the original loading back, and weights reloaded under
+    an equal residency token all end packed again with the right weights used (ComfyUI's encode as reference)."""
+    image, layers = picture(64, 64, 43), [1, 4]
+    enc = native_clip_mod.NativeQwen3VLEncoder(native_clip)
+    lm = enc._transformer.model          # ComfyUI's decoder modules
+    nbytes = sum(p.nbytes for p in lm.parameters())
+    runner_cls, joint_gemms = tiny_models.import_pack("vl_core.encoders.qwen3vl_runner").Qwen3VLRunner, []
+    real_joint = runner_cls._joint_linear
+    monkeypatch.setattr(runner_cls, "_joint_linear",
+                        lambda self, ms, x: joint_gemms.append(real_joint(self, ms, x)) or joint_gemms[-1])
+    first = enc.encode([image], PROMPT, layers, "after_image")
+    assert enc.last_path == "fast" and packed_layers(lm) == len(lm.layers)
+    assert len(joint_gemms) == 4 and all(y is not None for y in joint_gemms)      # layers 1..4: one GEMM each
+    assert sum(p.nbytes for p in lm.parameters()) == nbytes
+    want = host.encode([image], PROMPT, layers, "after_image")
+    for layer in layers:
+        torch.testing.assert_close(first.hidden[layer], want.hidden[layer], atol=5e-5, rtol=1e-4)
+
+    patched_clip = native_clip.clone()
+    key = next(k for k in patched_clip.patcher.model_state_dict() if k.endswith("layers.1.self_attn.q_proj.weight"))
+    weight = patched_clip.patcher.model_state_dict()[key]
+    patched_clip.patcher.add_patches({key: (0.5 * torch.randn_like(weight),)}, 1.0)
+    patched = native_clip_mod.NativeQwen3VLEncoder(patched_clip)
+    got = patched.encode([image], PROMPT, layers, "after_image")
+    assert patched.last_path == "fast" and packed_layers(lm) == len(lm.layers)
+    ref = native_clip_mod.NativeQwen3VLEncoder(patched_clip, engine="host").encode([image], PROMPT, layers,
+                                                                                   "after_image")
+    assert not torch.allclose(got.hidden[4], first.hidden[4], atol=1e-3)      # the patched q_proj ran
+    torch.testing.assert_close(got.hidden[4], ref.hidden[4], atol=5e-5, rtol=1e-4)
+
+    back = enc.encode([image], PROMPT, layers, "after_image")        # the original loads back: unpatched, packed
+    assert packed_layers(lm) == len(lm.layers)
+    assert all(torch.equal(back.hidden[k], first.hidden[k]) for k in layers)
+
+    att = lm.layers[0].self_attn               # what a reload does to the tensors, with the residency unchanged
+    with torch.no_grad():
+        for proj in (att.q_proj, att.k_proj, att.v_proj):
+            proj.weight.data = proj.weight.data.clone()
+    assert packed_layers(lm) == len(lm.layers) - 1
+    load_calls.update(load=0)
+    again = enc.encode([image], PROMPT, layers, "after_image")
+    assert load_calls["load"] == 0 and packed_layers(lm) == len(lm.layers)
+    assert all(torch.equal(again.hidden[k], first.hidden[k]) for k in layers)
+

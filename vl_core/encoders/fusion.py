@@ -64,6 +64,12 @@ def qk_norm_rope(q, k, qw, kw, q_eps: float, k_eps: float, cos, ssin):
     return q, k
 
 
+def qkv_norm_rope(qkv, qw, kw, q_eps: float, k_eps: float, cos, ssin, heads: int, kv_heads: int):
+    """qk_norm_rope of q = qkv[:, :heads], k = qkv[:, heads:heads + kv_heads] of one joint projection
+    qkv [R, heads + 2·kv_heads, hd] (v, the rest, is read by the caller as a view)."""
+    return qk_norm_rope(qkv[:, :heads], qkv[:, heads:heads + kv_heads], qw, kw, q_eps, k_eps, cos, ssin)
+
+
 def qkv_rope(qkv, cos, ssin):
     """Vision q, k of qkv [R, 3, H, hd] rotated (each [R, H, hd]); cos, ssin [R, 1, 1, hd]."""
     return rope(qkv[:, :2], cos, ssin).unbind(1)
@@ -88,7 +94,35 @@ def linear_gelu_tanh_epilogue(x, w, b):
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_rope, silu_mul)}
+def rope_functional(x, cos, ssin):
+    """rope() without in-place slice updates: x·cos + [x₂, x₁]·ssin (the sign lives in ssin). What inductor
+    compiles: the slice-wise addcmul_ of the eager op order became several kernels per step (≈ 23 µs per
+    language-model layer for the q/k norm + RoPE on an H200, bench/kernel_shapes.py), this one pointwise pass."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * ssin
+
+
+def qk_norm_rope_functional(q, k, qw, kw, q_eps: float, k_eps: float, cos, ssin):
+    """qk_norm_rope through rope_functional."""
+    q = rope_functional(F.rms_norm(q, (q.shape[-1],), qw, q_eps), cos, ssin)
+    k = rope_functional(F.rms_norm(k, (k.shape[-1],), kw, k_eps), cos, ssin)
+    return q, k
+
+
+def qkv_norm_rope_functional(qkv, qw, kw, q_eps: float, k_eps: float, cos, ssin, heads: int, kv_heads: int):
+    """qkv_norm_rope through rope_functional."""
+    return qk_norm_rope_functional(qkv[:, :heads], qkv[:, heads:heads + kv_heads], qw, kw, q_eps, k_eps, cos, ssin)
+
+
+def qkv_rope_functional(qkv, cos, ssin):
+    """qkv_rope through rope_functional."""
+    return rope_functional(qkv[:, :2], cos, ssin).unbind(1)
+
+
+STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_norm_rope, qkv_rope, silu_mul)}
+COMPILED_FORMS = {"qk_norm_rope": qk_norm_rope_functional,     # what torch.compile takes for a step, where its
+                  "qkv_norm_rope": qkv_norm_rope_functional,   # eager op order does not compile to one pass
+                  "qkv_rope": qkv_rope_functional}
 EAGER_ONLY = {"linear_gelu_tanh": linear_gelu_tanh}                # steps torch.compile does not take over:
 FUSED_ONLY = {"linear_gelu_tanh": linear_gelu_tanh_epilogue}       # their fused form is a library kernel
 
@@ -181,7 +215,8 @@ class _Compiler:
 
     def compiled(self) -> _Steps:
         if self.steps is None:
-            self.steps = _Steps({**{name: torch.compile(fn, fullgraph=True) for name, fn in STEPS.items()},
+            self.steps = _Steps({**{name: torch.compile(COMPILED_FORMS.get(name, fn), fullgraph=True)
+                                    for name, fn in STEPS.items()},
                                  **FUSED_ONLY}, fused=True)
         return self.steps
 

@@ -41,15 +41,51 @@ class DirectWeights:
         pass
 
 
+def joint_rows(weights) -> torch.Tensor | None:
+    """One [ΣN_j, K] view W = [W₁; W₂; …] over 2-D weights that are consecutive row blocks of one storage (no
+    copy), else None."""
+    first = weights[0]
+    if first is None or first.dim() != 2:
+        return None
+    ptr, storage, size = first.data_ptr(), first.untyped_storage().data_ptr(), first.element_size()
+    for w in weights:
+        if (w is None or w.dim() != 2 or not w.is_contiguous() or w.dtype != first.dtype or w.device != first.device
+                or w.shape[1] != first.shape[1] or w.data_ptr() != ptr or w.untyped_storage().data_ptr() != storage):
+            return None
+        ptr += w.numel() * size
+    return first.as_strided((sum(int(w.shape[0]) for w in weights), int(first.shape[1])), (int(first.shape[1]), 1))
+
+
+def pack_rows(linears) -> bool:
+    """Make the weights of `linears` (bias-free, plain tensors of one width, dtype and device) consecutive row
+    blocks of one new tensor, each module's weight a view of it (their .data swapped: same values, same bytes in
+    all); True if it packed them, False where they already are one block or cannot be."""
+    ws = [getattr(m, "weight", None) for m in linears]
+    if any(type(w) not in (torch.Tensor, torch.nn.Parameter) or getattr(m, "bias", None) is not None
+           for m, w in zip(linears, ws)):
+        return False
+    if any(w.dim() != 2 or w.shape[1] != ws[0].shape[1] or w.dtype != ws[0].dtype or w.device != ws[0].device
+           or w.is_meta for w in ws) or joint_rows(ws) is not None:
+        return False
+    with torch.no_grad():
+        joint = torch.cat([w.data for w in ws])
+        start = 0
+        for w in ws:
+            w.data = joint[start:start + w.shape[0]]
+            start += w.shape[0]
+    return True
+
+
 def to_output(t: torch.Tensor, device) -> torch.Tensor:
     """float32 copy of a result on `device` that the caller owns (never an inference tensor). GPU → CPU goes
-    through a pinned buffer (one fast DMA instead of a pageable copy) for results up to 64 MiB."""
+    through a pinned buffer in the result's own dtype (one DMA of bf16 is half the bytes of float32; the exact
+    widening to float32 then runs on the CPU) for results up to 64 MiB."""
     device = torch.device(device)
     if t.device.type == "cuda" and device.type == "cpu" and t.numel() * 4 <= PINNED_OUTPUT_MAX_BYTES:
-        out = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
-        out.copy_(t, non_blocking=True)
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staged.copy_(t, non_blocking=True)
         torch.cuda.current_stream(t.device).synchronize()
-        return out
+        return staged if staged.dtype == torch.float32 else staged.float()
     out = t.to(device, torch.float32)
     if out is t or out.is_inference():
         out = out.clone()
