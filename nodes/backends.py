@@ -17,7 +17,7 @@ def vl_encoder(clip=None, vl_model=None) -> NativeQwen3VLEncoder | TransformersV
         raise ValueError("connect exactly one backend: a Qwen3-VL CLIP from CLIPLoader to 'clip', or "
                          "'Load Qwen3-VL (transformers)' to 'vl_model'")
     if clip is not None:
-        return NativeQwen3VLEncoder(clip)
+        return NativeQwen3VLEncoder.for_clip(clip)
     if not isinstance(vl_model, TransformersVLModel):
         raise ValueError(f"vl_model must come from 'Load Qwen3-VL (transformers)', got {type(vl_model).__name__}")
     return vl_model

@@ -13,6 +13,7 @@ Modules that ComfyUI manages in place (lowvram / dynamic VRAM / LoRA weight func
 from ComfyUI's own `comfy.ops.cast_bias_weight`. Where the fast path cannot apply (quantized or odd
 weights, unknown layouts, hooks/object patches) it falls back to ComfyUI's encode and logs why once.
 Repeated identical encodes replay CUDA graphs from the encoder's own GraphCache; offload() releases them.
+Nodes take the clip's long-lived encoder (`NativeQwen3VLEncoder.for_clip`), so graphs survive node runs.
 
 Known difference between them (measured on identical weights, fp32): at layers 1..K, where K is the
 number of DeepStack layers (3 for Qwen3-VL-4B), the *image-token* states differ by exactly the DeepStack
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -45,6 +47,7 @@ log = logging.getLogger("comfyui-zimage-vl")
 NATIVE_ENGINES = ("auto", "fast", "host")
 _LOGGED: set[str] = set()
 _LAYOUTS: dict = {}        # (tokenizer, chat text, images, image tokens) -> (expanded ids, prompt span): a memo
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # clip -> its long-lived encoder (for_clip)
 
 
 def _log_once(message: str, *args) -> None:
@@ -97,7 +100,8 @@ class NativeQwen3VLEncoder:
             if transformer is not None:
                 found += f" with {_comfy_class_name(transformer).rsplit('.', 1)[-1]}"
             raise ValueError(f"clip is not a Qwen3-VL text encoder (found {found}): {NOT_QWEN3VL_HINT}")
-        self.clip = clip
+        self._clip_ref = weakref.ref(clip)
+        self._clip_hold = clip          # strong unless the encoder is the clip's shared one (for_clip)
         self._inner = inner
         self._transformer = transformer
         self.num_layers = int(transformer.num_layers)
@@ -113,6 +117,29 @@ class NativeQwen3VLEncoder:
         self._spec = self._spec_error = None            # runner spec of the modules, or why there is none
         self._modules_list = None                       # named_modules(): the tree is fixed, its tensors are not
         self._weights_checked = (None, None)            # (residency token, unsupported_weights result)
+
+    @classmethod
+    def for_clip(cls, clip) -> "NativeQwen3VLEncoder":
+        """The clip's long-lived encoder (engine "auto"), which nodes use: its runner, CUDA graphs and weight
+        checks last across node runs (a re-run with another image of the same size replays the captured graph)
+        and go when the clip does (the cache and the encoder hold the clip weakly; each clip clone, e.g. with a
+        LoRA, gets its own)."""
+        try:
+            enc = _SHARED.get(clip)
+        except TypeError:               # not weak-referenceable: a fresh encoder each time
+            return cls(clip)
+        if enc is None:
+            enc = cls(clip)
+            enc._clip_hold = None
+            _SHARED[clip] = enc
+        return enc
+
+    @property
+    def clip(self):
+        clip = self._clip_hold if self._clip_hold is not None else self._clip_ref()
+        if clip is None:
+            raise RuntimeError("VL Encode (native): this encoder's clip no longer exists; get one from the clip")
+        return clip
 
     @staticmethod
     def _source_name(clip, csm) -> str:

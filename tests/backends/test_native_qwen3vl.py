@@ -380,6 +380,59 @@ def test_backend_selection_needs_exactly_one(native_clip):
     assert isinstance(backends.vl_encoder(native_clip), native_clip_mod.NativeQwen3VLEncoder)
 
 
+def test_nodes_share_one_encoder_per_clip_held_weakly(hf_tiny_path):
+    """Node runs get the clip's long-lived encoder (its runner and CUDA graphs carry over), a clone its own;
+    neither the cache nor the encoder keeps the clip alive."""
+    import gc
+    import weakref
+
+    clip = tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256)
+    before = len(native_clip_mod._SHARED)
+    enc = backends.vl_encoder(clip)
+    image = picture(64, 64, 44)
+    first = enc.encode([image], PROMPT, [2], "after_image")
+    runner = enc._runner
+    again = backends.vl_encoder(clip)
+    assert again is enc and again._runner is runner
+    assert torch.equal(again.encode([image], PROMPT, [2], "after_image").hidden[2], first.hidden[2])
+    clone = clip.clone()
+    assert backends.vl_encoder(clone) is not enc and backends.vl_encoder(clone) is backends.vl_encoder(clone)
+    alive = weakref.ref(clip)
+    del clip, clone, again
+    gc.collect()
+    assert alive() is None and len(native_clip_mod._SHARED) == before
+    with pytest.raises(RuntimeError, match="clip no longer exists"):
+        enc.encode([image], PROMPT, [2], "after_image")
+
+
+def test_graph_key_follows_the_tensors_the_modules_hold_now(hf_tiny_path):
+    """ComfyUI's weight patching puts new Parameter objects into the modules (set_attr_param): the CUDA-graph key
+    changes with them (a stale key would replay a graph over the replaced weights), and the runner holds no
+    reference to the replaced Parameter."""
+    import gc
+    import weakref
+
+    import comfy.utils
+
+    clip = tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256)
+    enc = native_clip_mod.NativeQwen3VLEncoder(clip)
+    enc.encode([picture(64, 64, 45)], PROMPT, [2], "after_image")
+    runner, images = enc._runner, [picture(64, 64, 45)[None]]
+    key = runner._graph_key([1, 2, 3], images, [2], False)
+    assert key is not None and runner._graph_key([1, 2, 3], images, [2], False) == key
+    vision = next(n for n, p in enc._transformer.named_parameters() if n.startswith("visual.blocks.0.") and p.dim() == 2)
+    for name in ("model.layers.1.mlp.up_proj.weight", vision):
+        old = comfy.utils.get_attr(enc._transformer, name)
+        replaced = weakref.ref(old)
+        comfy.utils.set_attr_param(enc._transformer, name, old.detach().clone())
+        del old
+        gc.collect()
+        assert replaced() is None
+        new_key = runner._graph_key([1, 2, 3], images, [2], False)
+        assert new_key is not None and new_key != key and new_key[:-1] == key[:-1]
+        key = new_key
+
+
 @pytest.fixture
 def load_calls(monkeypatch):
     """Counts of ComfyUI's load_models_gpu and the fast path's weight check (both still run for real)."""
@@ -513,7 +566,9 @@ def test_projections_are_packed_after_every_load_and_patches_still_run(native_cl
             proj.weight.data = proj.weight.data.clone()
     assert packed_layers(lm) == len(lm.layers) - 1
     load_calls.update(load=0)
+    enc.graphs._seen["a graph key over the old addresses"] = 1
     again = enc.encode([image], PROMPT, layers, "after_image")
     assert load_calls["load"] == 0 and packed_layers(lm) == len(lm.layers)
+    assert not enc.graphs._seen                 # weights moved: graphs over the old addresses released
     assert all(torch.equal(again.hidden[k], first.hidden[k]) for k in layers)
 

@@ -45,7 +45,7 @@ from .graph_cache import GraphCache
 from .qwen3vl_spec import Qwen3VLSpec, check_modules
 from .qwen3vl_tables import mrope_positions, signed_sin, text_rope
 from .qwen3vl_vision import VisionTower
-from .weights import DirectWeights, HostStaging, joint_rows, normalize_device, pack_rows
+from .weights import DirectWeights, HostStaging, addresses, joint_rows, normalize_device, pack_rows, weight_slots
 
 SDPA_MODES = ("auto", "cudnn", "flash", "efficient", "math")
 
@@ -132,18 +132,22 @@ class Qwen3VLRunner(VisionTower):
         so the forward runs one GEMM for them (≈ 6 µs less per layer at 1024² on an H200, bench/kernel_shapes.py).
         Called after every load by the owner with its residency token (None: not fully resident, nothing done);
         a no-op while those weights sit where the last call left them (~100 pointers compared: any load or patch
-        moves some). The number of layers packed."""
+        moves some). Packing anything means the weights moved: the CUDA graphs captured over the old addresses
+        can never replay again and are released (their memory pools with them). The number of layers packed."""
         if token is None:
             return 0
         projs = self.__dict__.get("_projs")
         if projs is None:
             projs = self._projs = [p for layer in self.lm.layers
                                    for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
-        where = tuple(map(torch.Tensor.data_ptr, (p.weight for p in projs)))
+            self._proj_slots = weight_slots(projs, ("weight",))
+        where = addresses(self._proj_slots)
         if where == self._packed_at and joint_rows([p.weight for p in projs[:3]]) is not None:
             return 0                    # (layer 0 checked too: a reload may hand out the very same addresses)
         n = sum(pack_rows(projs[i:i + 3]) for i in range(0, len(projs), 3))
-        self._packed_at = tuple(map(torch.Tensor.data_ptr, (p.weight for p in projs)))
+        self._packed_at = addresses(self._proj_slots)
+        if n and self.graphs is not None:
+            self.graphs.release()
         return n
 
     def _norm_params(self, m):
@@ -322,12 +326,11 @@ class Qwen3VLRunner(VisionTower):
                 and getattr(self.weights, "graph_safe", False) and not Fusion.busy())
 
     def _graph_key(self, ids, images, wanted, fused: bool):
-        params = getattr(self, "_param_list", None)
-        if params is None:
-            params = self._param_list = [p for mod in (self.visual, self.lm) for p in mod.parameters()]
-        try:
-            sig = tuple(map(torch.Tensor.data_ptr, params))     # ≈ 2× a generator's speed over ~700 weights
-        except RuntimeError:
+        slots = self.__dict__.get("_weight_slots")
+        if slots is None:
+            slots = self._weight_slots = weight_slots([m for mod in (self.visual, self.lm) for m in mod.modules()])
+        sig = addresses(slots)          # every weight's address now: moves and swapped Parameter objects show
+        if sig is None:
             return None
         return (id(self.visual), self.spec, self.dtype, self.device, self.sdpa, tuple(ids),
                 tuple(tuple(im.shape) for im in images), tuple(wanted), fused, sig)

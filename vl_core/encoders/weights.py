@@ -41,6 +41,29 @@ class DirectWeights:
         pass
 
 
+def weight_slots(modules, names=None) -> tuple[list, list]:
+    """(parameter dicts, names) of the modules' registered tensors (all, or those named): a scan through them
+    sees the tensor each module holds *now*, also where ComfyUI swapped in a new Parameter object (LoRA patching,
+    set_attr_param), which a list of the Parameter objects themselves would miss (and keep alive)."""
+    dicts, keys = [], []
+    for m in modules:
+        for name, p in m._parameters.items():
+            if p is not None and (names is None or name in names):
+                dicts.append(m._parameters)
+                keys.append(name)
+    return dicts, keys
+
+
+def addresses(slots) -> tuple | None:
+    """The data pointers of the tensors in weight_slots(...) now (C-level maps: ≈ 0.1 µs a weight); None where a
+    slot was emptied or holds a tensor without storage."""
+    dicts, keys = slots
+    try:
+        return tuple(map(torch.Tensor.data_ptr, map(dict.__getitem__, dicts, keys)))
+    except (KeyError, TypeError, RuntimeError):
+        return None
+
+
 def joint_rows(weights) -> torch.Tensor | None:
     """One [ΣN_j, K] view W = [W₁; W₂; …] over 2-D weights that are consecutive row blocks of one storage (no
     copy), else None."""

@@ -1,0 +1,171 @@
+"""Host-side costs around one replayed encode, measured alone: CUDA graph launch (one graph or segments), the
+result download and widening to float32, and the weight-address scan of the graph key. GPU only.
+
+    python3 bench/host_probe.py [--kernels 1100] [--reps 20] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def median_ms(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def launch(kernels: int, segments: int, reps: int, memsets: bool) -> dict:
+    """A chain of `kernels` small GEMMs (≈ 18 µs each) captured as `segments` graphs: the host time of the
+    launch calls, the wall time launch → done, and the GPU time between two events around it."""
+    dev = torch.device("cuda")
+    x = torch.randn(1047, 2560, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(2560, 2560, device=dev, dtype=torch.bfloat16) * 0.02
+    z = torch.empty(1 << 16, device=dev)
+    graphs = []
+    per = kernels // segments
+    for _ in range(segments):
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.mm(x, w)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            y = x
+            for i in range(per):
+                y = torch.mm(y, w)
+                if memsets:
+                    z.zero_()
+        graphs.append(g)
+    for g in graphs:
+        g.replay()
+    torch.cuda.synchronize()
+    host, wall, gpu = [], [], []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a.record()
+        for g in graphs:
+            g.replay()
+        t1 = time.perf_counter()
+        b.record()
+        b.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) * 1e3)
+        wall.append((t2 - t0) * 1e3)
+        gpu.append(a.elapsed_time(b))
+    return {"launch_host_ms": statistics.median(host), "wall_ms": statistics.median(wall),
+            "gpu_ms": statistics.median(gpu)}
+
+
+def download(reps: int, shape=(1, 1047, 2560)) -> dict:
+    dev = torch.device("cuda")
+    t = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+    kept = []
+
+    def bf16_then_float(keep: bool):
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staged.copy_(t, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        out = staged.float()
+        if keep:
+            kept.append(out)
+
+    def float_on_gpu():
+        staged = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+        staged.copy_(t, non_blocking=True)        # widening inside the copy kernel? (bf16 device → fp32 pinned)
+        torch.cuda.current_stream().synchronize()
+        out = torch.empty(t.shape, dtype=torch.float32)
+        out.copy_(staged)
+        kept.append(out)
+
+    def bf16_into_empty():
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staged.copy_(t, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        out = torch.empty(t.shape, dtype=torch.float32)
+        out.copy_(staged)
+        kept.append(out)
+
+    def sync_only():
+        torch.cuda.current_stream().synchronize()
+
+    r = {"threads": torch.get_num_threads(),
+         "sync only": median_ms(sync_only, reps),
+         "bf16 DMA + .float(), dropped": median_ms(lambda: bf16_then_float(False), reps),
+         "bf16 DMA + .float(), kept": median_ms(lambda: bf16_then_float(True), reps)}
+    kept.clear()
+    r["bf16 DMA + copy_ into empty fp32, kept"] = median_ms(bf16_into_empty, reps)
+    kept.clear()
+    r["fp32 pinned (widened in the copy) + copy_, kept"] = median_ms(float_on_gpu, reps)
+    kept.clear()
+    old = torch.get_num_threads()
+    for n in (1, 4):
+        torch.set_num_threads(n)
+        r[f"bf16 DMA + .float(), kept, {n} threads"] = median_ms(lambda: bf16_then_float(True), reps)
+        kept.clear()
+    torch.set_num_threads(old)
+    return r
+
+
+def scan(reps: int) -> dict:
+    ps = [torch.nn.Parameter(torch.empty(64, device="cuda")) for _ in range(700)]
+    return {"700 Parameter.data_ptr": median_ms(lambda: tuple(map(torch.Tensor.data_ptr, ps)), reps)}
+
+
+def gemm_kernels() -> dict:
+    """Kernels (and memsets) one bias-free LM linear launches under each BLAS library (the graph shows one memset
+    per language-model GEMM)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    x, w = torch.randn(1047, 2560, device=dev, dtype=dt), torch.randn(6144, 2560, device=dev, dtype=dt)
+    out = {}
+    for blas in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(blas)
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                torch.nn.functional.linear(x, w)
+            torch.cuda.synchronize()
+        out[blas] = sorted({(e.name[:70], e.count) for e in prof.key_averages()})
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", type=int, default=1100)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    result = {}
+    for segments in (1, 2, 4, 8):
+        for memsets in (False, True):
+            name = f"launch {a.kernels} kernels, {segments} graph(s)" + (", + memsets" if memsets else "")
+            result[name] = launch(a.kernels, segments, a.reps, memsets)
+            print(f"{name:44s} {result[name]}", flush=True)
+    result["download"] = download(a.reps)
+    print("download", json.dumps(result["download"], indent=1), flush=True)
+    result["gemm kernels"] = gemm_kernels()
+    print("gemm kernels", result["gemm kernels"], flush=True)
+    result["scan"] = scan(a.reps * 10)
+    print("scan", result["scan"])
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
