@@ -3,7 +3,7 @@
 Wraps the functions an encode passes through (ComfyUI's load_models_gpu, the weight check, tokenisation
 layout, upload, graph key, replay, result download, VLEmbeds build) with perf_counter timers for a number of
 encodes, and records the GPU time of the graph replay with CUDA events. Host parts before the replay leave
-the GPU idle; `to_output` waits for the GPU (its time minus the GPU's remaining work is the download).
+the GPU idle; `to_outputs` waits for the GPU (its time minus the GPU's remaining work is the download).
 Used by bench_encode.py's `hostparts` section; timings on the CPU are meaningless.
 """
 from __future__ import annotations
@@ -65,7 +65,8 @@ def gpu_timed_replay(graphs, record: dict):
 
 
 def host_parts(encode, encoder, runner, modules: dict, reps: int = 10) -> dict:
-    """Median ms per part over `reps` encodes (after two warm-up encodes so the graph is captured)."""
+    """Median ms per part over `reps` encodes (after two warm-up encodes so the graph is captured); the previous
+    result stays alive while the next is made, as in ComfyUI's cache."""
     import torch
 
     cuda = torch.cuda.is_available() and runner.device.type == "cuda"
@@ -84,7 +85,7 @@ def host_parts(encode, encoder, runner, modules: dict, reps: int = 10) -> dict:
     try:
         with timed_functions(targets, record):
             for _ in range(reps):
-                encode()
+                kept = encode()     # noqa: F841 - the previous result lives until the new one is made
                 sync()
     finally:
         if graphs is not None:

@@ -37,7 +37,7 @@ from ..vl_core.encoders.batching import activation_bytes, length_batches, same_s
 from ..vl_core.encoders.graph_cache import GraphCache
 from ..vl_core.encoders.qwen3vl_runner import Qwen3VLRunner
 from ..vl_core.encoders.qwen3vl_spec import UnsupportedModel
-from ..vl_core.encoders.weights import normalize_device, to_output
+from ..vl_core.encoders.weights import normalize_device, to_outputs
 from ..vl_core.types import VLEmbeds
 from .native_fast import ComfyWeights, spec_from_comfy, unsupported_weights
 from .offload import ensure_loaded, offload_patcher
@@ -243,9 +243,8 @@ class NativeQwen3VLEncoder:
                 hidden = self._run_fast(runner, input_ids, [[images[i] for i in chunk]], sizes, layers, output=False)
                 out_device = model_management.intermediate_device()
                 for row_i, i in enumerate(chunk):     # one pinned copy per image: each result owns its memory
-                    results[i] = self._embeds({layer: to_output(t[row_i:row_i + 1], out_device)
-                                               for layer, t in hidden.items()}, input_ids,
-                                              prompt_span, layers, prompt, placement, sizes)
+                    rows = to_outputs({layer: t[row_i:row_i + 1] for layer, t in hidden.items()}, out_device)
+                    results[i] = self._embeds(rows, input_ids, prompt_span, layers, prompt, placement, sizes)
         return results
 
     def text_ids(self, prompt: str, placement: str = "after_image") -> list[int]:
@@ -272,8 +271,8 @@ class NativeQwen3VLEncoder:
             out_device = model_management.intermediate_device()
             for row, i in enumerate(batch):
                 ids, span = layouts[i]
-                results[i] = self._embeds({layer: to_output(t[row:row + 1, :ids.numel()], out_device)
-                                           for layer, t in hidden.items()}, ids, span, layers, prompts[i], placement, [])
+                rows = to_outputs({layer: t[row:row + 1, :ids.numel()] for layer, t in hidden.items()}, out_device)
+                results[i] = self._embeds(rows, ids, span, layers, prompts[i], placement, [])
         return results
 
     def offload(self) -> bool:
@@ -372,7 +371,7 @@ class NativeQwen3VLEncoder:
             if not output:
                 return hidden
             out_device = model_management.intermediate_device()
-            return {layer: to_output(t, out_device) for layer, t in hidden.items()}
+            return to_outputs(hidden, out_device)
 
     def _embeds(self, hidden, input_ids, prompt_span, layers, prompt, placement, sizes) -> VLEmbeds:
         hidden = {layer: t.clone() if t.is_inference() else t for layer, t in hidden.items()}   # plain tensors

@@ -351,10 +351,13 @@ def test_runner_outputs_are_owned_and_graphs_stay_off_the_cpu(hf_encoder):
     assert runner.device.type == "cpu" and not runner._graphs_possible()
     with torch.inference_mode():
         t = torch.ones(1, 3, 4, dtype=torch.bfloat16)
-    out = weights.to_output(t, "cpu")
+    out = weights.to_outputs({3: t}, "cpu")[3]
     assert out.dtype == torch.float32 and not out.is_inference() and out.data_ptr() != t.data_ptr()
     f32 = torch.ones(2, 2)
-    assert weights.to_output(f32, "cpu").data_ptr() != f32.data_ptr()
+    with torch.inference_mode():      # as ComfyUI runs nodes: still plain tensors of their own
+        got = weights.to_outputs({0: f32, 1: t}, "cpu")
+    assert all(not o.is_inference() and o.dtype == torch.float32 for o in got.values())
+    assert got[0].data_ptr() != f32.data_ptr() and torch.equal(got[1], t.float())
     assert weights.normalize_device("cpu") == torch.device("cpu")
     eager = TransformersQwen3VL(hf_encoder.model, hf_encoder.tokenizer, graphs=False)
     assert eager.graphs is None and eager.fast_runner().graphs is None

@@ -34,7 +34,7 @@ from .hf_folder import (QWEN3VL_MODEL_TYPE, check_qwen3vl_folder, check_safetens
                         require_transformers_for_backend)
 from .qwen3vl_runner import Qwen3VLRunner
 from .qwen3vl_spec import Qwen3VLSpec, UnsupportedModel
-from .weights import to_output
+from .weights import to_outputs
 
 log = logging.getLogger("comfyui-zimage-vl")
 
@@ -283,7 +283,7 @@ class TransformersQwen3VL:
     def _finish(self, hidden: dict[int, torch.Tensor], input_ids, prompt_span, prompt: str, placement: str,
                  images: Sequence[torch.Tensor]) -> VLEmbeds:
         # clone outside inference mode: plain tensors that downstream code may modify in place
-        hidden = {layer: to_output(t, self.output_device) for layer, t in hidden.items()}
+        hidden = to_outputs(hidden, self.output_device)
         return extract.build_embeds(
             hidden, input_ids, self.image_pad_id, prompt_span, sorted(hidden), self.num_layers,
             placement=placement, source=self.source, prompt=prompt,
