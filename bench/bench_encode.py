@@ -427,6 +427,8 @@ def main(argv=None):
         print(f"encode_many vs single: max rel {results['checks']['encode_many_vs_single_max_rel']:.2e}", flush=True)
 
     if "hostparts" not in skip:
+        results["process_costs"] = process_costs(device, runner_of(native_fused))
+        print("process costs (ms):", results["process_costs"], flush=True)
         results["host_parts"] = host_parts_section(native_fused, tr_fused, native_clip, tq, layer, g,
                                                    1024 if not args.tiny else 64, args.reps)
     if "hostprofile" not in skip:      # where the rest of the host time goes, function by function
@@ -511,13 +513,54 @@ def host_parts_section(native, tr, native_clip, tq, layer, g, size, reps) -> dic
     return out
 
 
+def process_costs(device, runner=None) -> dict:
+    """Primitive host costs measured inside this process (models loaded, kernels compiled), to compare with the
+    same primitives in a bare process (host_probe.py): a 700-weight address scan, find_runs, a 12 MB staged
+    upload, one small CPU op."""
+    import torch
+
+    extract, weights = import_pack("vl_core.extract"), import_pack("vl_core.encoders.weights")
+    params = [torch.nn.Parameter(torch.empty(64, device=device)) for _ in range(700)]
+    ids = torch.tensor([5] * 20 + [7] * 1024 + [5] * 3)
+    image = torch.rand(1, 1024, 1024, 3)
+    staging = weights.HostStaging()
+    small = torch.zeros(8)
+
+    def med(fn, n=50):
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return round(statistics.median(times), 4)
+    out = {"threads": torch.get_num_threads(), "scan_700": med(lambda: tuple(map(torch.Tensor.data_ptr, params))),
+           "find_runs": med(lambda: extract.find_runs(ids, 7)), "upload_12MB": med(lambda: staging.upload(image, device)),
+           "small_add": med(lambda: small.add(1))}
+    if runner is not None and getattr(runner, "_weight_slots", None) is not None:
+        slots = runner._weight_slots
+        out["weights in the key"] = len(slots[0])
+        out["model scan"] = med(lambda: weights.addresses(slots))
+
+        def scan_after_upload():
+            staging.upload(image, device)
+            t0 = time.perf_counter()
+            weights.addresses(slots)
+            return 1e3 * (time.perf_counter() - t0)
+        out["model scan after upload"] = round(statistics.median(scan_after_upload() for _ in range(50)), 4)
+    return out
+
+
 def runner_parts(runner) -> dict:
     """The fast runner's own parts (both backends share it)."""
     import torch
 
+    runner_mod = sys.modules[type(runner).__module__]
     return {"runner.upload": (runner, "upload"), "staging event wait": (torch.cuda.Event, "synchronize"),
             "runner.forward": (runner, "forward"), "runner._graph_key": (runner, "_graph_key"),
-            "fusion.ops": (runner.fusion, "ops")}
+            "weight address scan": (runner_mod, "addresses"), "CUDAGraph.replay (launch)": (torch.cuda.CUDAGraph, "replay"),
+            "stream synchronize (GPU wait)": (torch.cuda.Stream, "synchronize"),
+            "find_runs": (import_pack("vl_core.extract"), "find_runs"), "fusion.ops": (runner.fusion, "ops")}
 
 
 def native_host_parts(native, native_clip, image, layer, reps) -> dict:

@@ -117,6 +117,134 @@ def download(reps: int, shape=(1, 1047, 2560)) -> dict:
     return r
 
 
+def outputs_after_gpu_work(reps: int, shape=(1, 1047, 2560)) -> dict:
+    """weights.to_outputs on a result whose GPU work is still running (a 5 ms spin kernel first): its wall time
+    minus the spin is the host work left after the GPU finished; and on an idle GPU. Results kept."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vl_core.encoders.weights import to_outputs
+
+    t = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    kept = []
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    torch.cuda._sleep(10_000_000)
+    b.record()
+    b.synchronize()
+    cycles = int(10_000_000 * 5.0 / a.elapsed_time(b))      # a 5 ms spin
+
+    def busy():
+        torch.cuda._sleep(cycles)
+        kept.append(to_outputs({0: t}, "cpu"))
+
+    def idle():
+        kept.append(to_outputs({0: t}, "cpu"))
+    return {"busy GPU (5 ms spin): wall - 5 ms": median_ms(busy, reps) - 5.0, "idle GPU": median_ms(idle, reps)}
+
+
+def after_parallel_copy(reps: int) -> dict:
+    """A 700-weight address scan alone, and right after a 12 MB multi-threaded CPU copy (the image staging copy),
+    at the process's thread count and at 4 threads: idle worker threads spinning after a parallel op slow down the
+    main thread where the CPU quota is tight. With the CPU quota and affinity of this process."""
+    import os
+
+    ps = [torch.nn.Parameter(torch.empty(64, device="cuda")) for _ in range(700)]
+    src, dst = torch.rand(1024, 1024, 3), torch.empty(1024, 1024, 3, pin_memory=True)
+
+    def scan_only():
+        return tuple(map(torch.Tensor.data_ptr, ps))
+
+    def timed_after_copy():
+        dst.copy_(src)
+        t = time.perf_counter()
+        scan_only()
+        return (time.perf_counter() - t) * 1e3
+
+    out = {"affinity": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    try:
+        out["cpu.max"] = open("/sys/fs/cgroup/cpu.max").read().strip()
+    except OSError:
+        out["cpu.max"] = None
+    out["scan alone"] = median_ms(scan_only, reps)
+    out["scan after copy"] = statistics.median(timed_after_copy() for _ in range(reps))
+    old = torch.get_num_threads()
+    torch.set_num_threads(4)
+    out["scan after copy, 4 threads"] = statistics.median(timed_after_copy() for _ in range(reps))
+    torch.set_num_threads(old)
+    return out
+
+
+def registered_transfers(reps: int) -> dict:
+    """Page-locking in place (cudaHostRegister) instead of copying through a pinned staging buffer: the cost of
+    registering / unregistering an existing 12 MB image and a fresh 10.7 MB output, and a 700-weight scan after
+    each way of moving the data (a CPU copy streams it through the caches the Python objects live in)."""
+    cudart = torch.cuda.cudart()
+    ps = [torch.nn.Parameter(torch.empty(64, device="cuda")) for _ in range(700)]
+    image = torch.rand(1024, 1024, 3)
+    dev_image = torch.empty(1024, 1024, 3, device="cuda")
+    staging = torch.empty(1024, 1024, 3, pin_memory=True)
+    result = torch.randn(1, 1047, 2560, device="cuda")
+    out = {}
+
+    def reg(t):
+        assert int(cudart.cudaHostRegister(t.data_ptr(), t.nbytes, 0)) == 0
+
+    def unreg(t):
+        assert int(cudart.cudaHostUnregister(t.data_ptr())) == 0
+
+    def scan_ms():
+        t0 = time.perf_counter()
+        tuple(map(torch.Tensor.data_ptr, ps))
+        return (time.perf_counter() - t0) * 1e3
+
+    times = {k: [] for k in ("register 12 MB image", "unregister 12 MB image", "register fresh 10.7 MB",
+                             "unregister 10.7 MB", "scan after staged upload", "scan after registered upload",
+                             "scan after registered download", "scan after staged download + widening")}
+    kept = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        reg(image)
+        t1 = time.perf_counter()
+        dev_image.copy_(image, non_blocking=True)
+        times["scan after registered upload"].append(scan_ms())
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        unreg(image)
+        t3 = time.perf_counter()
+        times["register 12 MB image"].append((t1 - t0) * 1e3)
+        times["unregister 12 MB image"].append((t3 - t2) * 1e3)
+        staging.copy_(image)
+        dev_image.copy_(staging, non_blocking=True)
+        times["scan after staged upload"].append(scan_ms())
+        torch.cuda.synchronize()
+        o = torch.empty(result.shape)
+        t0 = time.perf_counter()
+        reg(o)
+        t1 = time.perf_counter()
+        o.copy_(result, non_blocking=True)
+        torch.cuda.synchronize()
+        times["scan after registered download"].append(scan_ms())
+        t2 = time.perf_counter()
+        unreg(o)
+        t3 = time.perf_counter()
+        times["register fresh 10.7 MB"].append((t1 - t0) * 1e3)
+        times["unregister 10.7 MB"].append((t3 - t2) * 1e3)
+        kept.append(o)
+        b = torch.empty(result.shape, dtype=torch.bfloat16, pin_memory=True)
+        b.copy_(result, non_blocking=True)
+        torch.cuda.synchronize()
+        w = torch.empty(result.shape)
+        w.copy_(b)
+        times["scan after staged download + widening"].append(scan_ms())
+        kept.append(w)
+    for k, v in times.items():
+        out[k] = statistics.median(v)
+    return out
+
+
 def scan(reps: int) -> dict:
     ps = [torch.nn.Parameter(torch.empty(64, device="cuda")) for _ in range(700)]
     return {"700 Parameter.data_ptr": median_ms(lambda: tuple(map(torch.Tensor.data_ptr, ps)), reps)}
@@ -139,7 +267,7 @@ def gemm_kernels() -> dict:
             for _ in range(10):
                 torch.nn.functional.linear(x, w)
             torch.cuda.synchronize()
-        out[blas] = sorted({(e.name[:70], e.count) for e in prof.key_averages()})
+        out[blas] = sorted({(e.key[:70], e.count) for e in prof.key_averages()})
     torch.backends.cuda.preferred_blas_library("cublas")
     return out
 
@@ -158,8 +286,18 @@ def main():
             print(f"{name:44s} {result[name]}", flush=True)
     result["download"] = download(a.reps)
     print("download", json.dumps(result["download"], indent=1), flush=True)
+    result["to_outputs"] = outputs_after_gpu_work(a.reps)
+    print("to_outputs", result["to_outputs"], flush=True)
     result["gemm kernels"] = gemm_kernels()
     print("gemm kernels", result["gemm kernels"], flush=True)
+    from bench_encode import process_costs
+
+    result["process_costs"] = process_costs(torch.device("cuda"))
+    print("process costs (ms), bare process:", result["process_costs"], flush=True)
+    result["after parallel copy"] = after_parallel_copy(a.reps * 5)
+    print("after parallel copy", result["after parallel copy"], flush=True)
+    result["registered"] = registered_transfers(a.reps)
+    print("registered", json.dumps(result["registered"], indent=1), flush=True)
     result["scan"] = scan(a.reps * 10)
     print("scan", result["scan"])
     if a.out:

@@ -360,9 +360,13 @@ class NativeQwen3VLEncoder:
         device = runner.device
         slots = []
         for k, size in enumerate(sizes):
+            resize = any(tuple(im.shape[:2]) != tuple(size) for im in images[k])
+            if len(images[k]) == 1 and not resize:
+                slots.append(images[k][0][None])        # forward uploads it (pinned staging) after its graph key
+                continue
             batch = torch.stack([runner.upload(im) for im in images[k]]) if len(images[k]) > 1 \
                 else runner.upload(images[k][0])[None]                 # pinned staging, asynchronous
-            if tuple(batch.shape[1:3]) != tuple(size):   # ComfyUI's own resize (bilinear, no antialias)
+            if resize:                                  # ComfyUI's own resize (bilinear, no antialias)
                 batch = F.interpolate(batch.permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
                                       align_corners=False).permute(0, 2, 3, 1)
             slots.append(batch)

@@ -213,12 +213,13 @@ class Qwen3VLRunner(VisionTower):
                 raise ValueError(f"image size {im.shape[2]}x{im.shape[1]} must be a multiple of "
                                  f"{s.patch_size * s.merge_size} px")
             grids.append((gh // s.merge_size, gw // s.merge_size))
-        ids = [int(t) for t in input_ids]
-        images = [self.upload(im) for im in images]
+        ids = list(map(int, input_ids))
         fkey = self._fusion_key()
         ops = self.fusion.ops(fkey, self.device)
-
+        # the key (a scan of every weight's address) before the upload's bulk CPU copy, which measurably slows
+        # the Python work right after it (bench/README.md "VL encode")
         key = self._graph_key(ids, images, wanted, ops.fused) if self._graphs_possible() else None
+        images = [self.upload(im) for im in images]
         if key is not None:
             out = self.graphs.replay(key, images)
             if out is not None:
