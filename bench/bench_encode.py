@@ -513,6 +513,18 @@ def host_parts_section(native, tr, native_clip, tq, layer, g, size, reps) -> dic
     return out
 
 
+def median_ms(fn, n: int = 50, warm: bool = True) -> float:
+    """Median wall ms of n calls of fn (after one uncounted call if warm)."""
+    if warm:
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return round(statistics.median(times), 4)
+
+
 def process_costs(device, runner=None) -> dict:
     """Primitive host costs measured inside this process (models loaded, kernels compiled), to compare with the
     same primitives in a bare process (host_probe.py): a 700-weight address scan, find_runs, a 12 MB staged
@@ -526,14 +538,7 @@ def process_costs(device, runner=None) -> dict:
     staging = weights.HostStaging()
     small = torch.zeros(8)
 
-    def med(fn, n=50):
-        fn()
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return round(statistics.median(times), 4)
+    med = median_ms
     out = {"threads": torch.get_num_threads(), "scan_700": med(lambda: tuple(map(torch.Tensor.data_ptr, params))),
            "find_runs": med(lambda: extract.find_runs(ids, 7)), "upload_12MB": med(lambda: staging.upload(image, device)),
            "small_add": med(lambda: small.add(1))}
@@ -701,13 +706,8 @@ def host_copy_probe(image) -> dict:
 
     buf = torch.empty_like(image, pin_memory=torch.cuda.is_available())
 
-    def med(fn, n=15):
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return round(statistics.median(times), 3)
+    def med(fn):
+        return median_ms(fn, 15, warm=False)
 
     threads = torch.get_num_threads()
     out = {"threads": threads, "interop": torch.get_num_interop_threads(), "torch_copy": med(lambda: buf.copy_(image)),

@@ -195,43 +195,34 @@ def registered_transfers(reps: int) -> dict:
     def unreg(t):
         assert int(cudart.cudaHostUnregister(t.data_ptr())) == 0
 
-    def scan_ms():
+    def ms(fn) -> float:
         t0 = time.perf_counter()
-        tuple(map(torch.Tensor.data_ptr, ps))
+        fn()
         return (time.perf_counter() - t0) * 1e3
+
+    def scan_ms():
+        return ms(lambda: tuple(map(torch.Tensor.data_ptr, ps)))
 
     times = {k: [] for k in ("register 12 MB image", "unregister 12 MB image", "register fresh 10.7 MB",
                              "unregister 10.7 MB", "scan after staged upload", "scan after registered upload",
                              "scan after registered download", "scan after staged download + widening")}
     kept = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        reg(image)
-        t1 = time.perf_counter()
+        times["register 12 MB image"].append(ms(lambda: reg(image)))
         dev_image.copy_(image, non_blocking=True)
         times["scan after registered upload"].append(scan_ms())
         torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        unreg(image)
-        t3 = time.perf_counter()
-        times["register 12 MB image"].append((t1 - t0) * 1e3)
-        times["unregister 12 MB image"].append((t3 - t2) * 1e3)
+        times["unregister 12 MB image"].append(ms(lambda: unreg(image)))
         staging.copy_(image)
         dev_image.copy_(staging, non_blocking=True)
         times["scan after staged upload"].append(scan_ms())
         torch.cuda.synchronize()
         o = torch.empty(result.shape)
-        t0 = time.perf_counter()
-        reg(o)
-        t1 = time.perf_counter()
+        times["register fresh 10.7 MB"].append(ms(lambda: reg(o)))
         o.copy_(result, non_blocking=True)
         torch.cuda.synchronize()
         times["scan after registered download"].append(scan_ms())
-        t2 = time.perf_counter()
-        unreg(o)
-        t3 = time.perf_counter()
-        times["register fresh 10.7 MB"].append((t1 - t0) * 1e3)
-        times["unregister 10.7 MB"].append((t3 - t2) * 1e3)
+        times["unregister 10.7 MB"].append(ms(lambda: unreg(o)))
         kept.append(o)
         b = torch.empty(result.shape, dtype=torch.bfloat16, pin_memory=True)
         b.copy_(result, non_blocking=True)
