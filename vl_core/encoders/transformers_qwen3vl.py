@@ -282,7 +282,7 @@ class TransformersQwen3VL:
 
     def _finish(self, hidden: dict[int, torch.Tensor], input_ids, prompt_span, prompt: str, placement: str,
                  images: Sequence[torch.Tensor]) -> VLEmbeds:
-        # clone outside inference mode: plain tensors that downstream code may modify in place
+        # plain float32 tensors of their own (also under inference mode): downstream code may modify them in place
         hidden = to_outputs(hidden, self.output_device)
         return extract.build_embeds(
             hidden, input_ids, self.image_pad_id, prompt_span, sorted(hidden), self.num_layers,

