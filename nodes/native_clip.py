@@ -39,7 +39,7 @@ from ..vl_core.encoders.qwen3vl_runner import Qwen3VLRunner
 from ..vl_core.encoders.qwen3vl_spec import UnsupportedModel
 from ..vl_core.encoders.weights import normalize_device, to_outputs
 from ..vl_core.types import VLEmbeds
-from .native_fast import ComfyWeights, spec_from_comfy, unsupported_weights
+from .native_fast import ComfyWeights, qwen3vl_modules, spec_from_comfy, unsupported_weights
 from .offload import ensure_loaded, offload_patcher
 
 log = logging.getLogger("comfyui-zimage-vl")
@@ -57,22 +57,6 @@ def _log_once(message: str, *args) -> None:
         log.warning(text)
 
 
-# CLIPLoader types (nodes.py) under which comfy/sd.py loads a Qwen3-VL-4B file as the plain Qwen3VL
-# class: every type except these, which build a different encoder from the same weights.
-CLIPLOADER_TYPES_NOT_PLAIN_QWEN3VL_4B = ("flux2", "krea2", "mage")
-NOT_QWEN3VL_HINT = ("load qwen3vl_4b with CLIPLoader type 'lumina2' or 'stable_diffusion' (any type except "
-                    + ", ".join(repr(t) for t in CLIPLOADER_TYPES_NOT_PLAIN_QWEN3VL_4B)
-                    + ", which load it as a different encoder), or use Load Qwen3-VL (transformers)")
-
-
-def _comfy_class_name(obj) -> str:
-    """module.Class of the first ComfyUI class in obj's MRO (ComfyUI builds its encoders as `Name_` subclasses)."""
-    for cls in type(obj).__mro__:
-        if cls.__module__.startswith("comfy."):
-            return f"{cls.__module__}.{cls.__name__.rstrip('_')}"
-    return f"{type(obj).__module__}.{type(obj).__name__}"
-
-
 class NativeQwen3VLEncoder:
     """`VLEncoder` over a ComfyUI CLIP holding the plain native Qwen3-VL text encoder.
 
@@ -82,24 +66,12 @@ class NativeQwen3VLEncoder:
     """
 
     def __init__(self, clip, engine: str = "auto", graphs: bool = True):
-        import comfy.text_encoders.qwen3vl as qwen3vl
-
         require_choice("engine", engine, NATIVE_ENGINES)
         self.engine = engine
         self.graphs = GraphCache() if graphs else None   # CUDA graph replay of repeated identical encodes (GPU)
         self.last_path = None            # "fast" or "host": which path the last encode took
 
-        csm = getattr(clip, "cond_stage_model", None)
-        inner = getattr(csm, getattr(csm, "clip", ""), None) if csm is not None else None
-        transformer = getattr(inner, "transformer", None)
-        ok = (isinstance(csm, qwen3vl.Qwen3VLTEModel) and isinstance(inner, qwen3vl.Qwen3VLClipModel)
-              and isinstance(transformer, qwen3vl.Qwen3VL)
-              and not isinstance(inner.options_default[0], list))
-        if not ok:
-            found = _comfy_class_name(csm if csm is not None else clip)
-            if transformer is not None:
-                found += f" with {_comfy_class_name(transformer).rsplit('.', 1)[-1]}"
-            raise ValueError(f"clip is not a Qwen3-VL text encoder (found {found}): {NOT_QWEN3VL_HINT}")
+        csm, inner, transformer = qwen3vl_modules(clip)
         self._clip_ref = weakref.ref(clip)
         self._clip_hold = clip          # strong unless the encoder is the clip's shared one (for_clip)
         self._inner = inner

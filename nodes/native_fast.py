@@ -1,5 +1,5 @@
-"""What the native fast path needs from ComfyUI's loaded Qwen3-VL modules: the runner spec of their
-config, a weight source through ComfyUI's own casting, and which weights it cannot read."""
+"""What the native backend needs from ComfyUI's Qwen3-VL: which CLIPs hold the plain model (its modules), the
+runner spec of their config, a weight source through ComfyUI's own casting, and which weights it cannot read."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +8,41 @@ from ..vl_core.encoders.qwen3vl_spec import Qwen3VLSpec, UnsupportedModel
 from ..vl_core.encoders.weights import DirectWeights
 
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# CLIPLoader types (nodes.py) under which comfy/sd.py loads a Qwen3-VL-4B file as the plain Qwen3VL
+# class: every type except these, which build a different encoder from the same weights.
+CLIPLOADER_TYPES_NOT_PLAIN_QWEN3VL_4B = ("flux2", "krea2", "mage")
+NOT_QWEN3VL_HINT = ("load qwen3vl_4b with CLIPLoader type 'lumina2' or 'stable_diffusion' (any type except "
+                    + ", ".join(repr(t) for t in CLIPLOADER_TYPES_NOT_PLAIN_QWEN3VL_4B)
+                    + ", which load it as a different encoder), or use Load Qwen3-VL (transformers)")
+
+
+def _comfy_class_name(obj) -> str:
+    """module.Class of the first ComfyUI class in obj's MRO (ComfyUI builds its encoders as `Name_` subclasses)."""
+    for cls in type(obj).__mro__:
+        if cls.__module__.startswith("comfy."):
+            return f"{cls.__module__}.{cls.__name__.rstrip('_')}"
+    return f"{type(obj).__module__}.{type(obj).__name__}"
+
+
+def qwen3vl_modules(clip) -> tuple:
+    """(cond_stage_model, inner clip model, Qwen3VL transformer) of a CLIP holding ComfyUI's plain Qwen3-VL text
+    encoder; ValueError naming what was found and how to load it otherwise."""
+    import comfy.text_encoders.qwen3vl as qwen3vl
+
+    csm = getattr(clip, "cond_stage_model", None)
+    inner = getattr(csm, getattr(csm, "clip", ""), None) if csm is not None else None
+    transformer = getattr(inner, "transformer", None)
+    ok = (isinstance(csm, qwen3vl.Qwen3VLTEModel) and isinstance(inner, qwen3vl.Qwen3VLClipModel)
+          and isinstance(transformer, qwen3vl.Qwen3VL)
+          and not isinstance(inner.options_default[0], list))
+    if not ok:
+        found = _comfy_class_name(csm if csm is not None else clip)
+        if transformer is not None:
+            found += f" with {_comfy_class_name(transformer).rsplit('.', 1)[-1]}"
+        raise ValueError(f"clip is not a Qwen3-VL text encoder (found {found}): {NOT_QWEN3VL_HINT}")
+    return csm, inner, transformer
 
 
 def spec_from_comfy(transformer) -> Qwen3VLSpec:
