@@ -33,9 +33,9 @@ def chat_pieces(prompt: str, num_images: int, placement: str) -> tuple[str, str,
 
 
 def find_runs(ids: Sequence[int] | torch.Tensor, token_id: int) -> list[Span]:
-    """Contiguous [start, end) runs of `token_id` in a 1-D id sequence (one run per image). Plain Python over the
-    id list (one tolist): no per-op torch dispatch, which costs more than the scan on ~1000 ids."""
-    seq = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else [int(t) for t in ids]
+    """Contiguous [start, end) runs of `token_id` in the flattened id sequence (one run per image). Plain Python
+    over the id list (one tolist): no per-op torch dispatch, which costs more than the scan on ~1000 ids."""
+    seq = torch.as_tensor(ids).flatten().tolist()
     runs, start = [], 0
     for value, group in itertools.groupby(seq):
         n = len(list(group))

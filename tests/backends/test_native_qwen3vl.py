@@ -431,6 +431,24 @@ def test_graph_key_follows_the_tensors_the_modules_hold_now(hf_tiny_path):
         new_key = runner._graph_key([1, 2, 3], images, [2], False)
         assert new_key is not None and new_key != key and new_key[:-1] == key[:-1]
         key = new_key
+    half = runner._graph_key([1, 2, 3], [images[0].half()], [2], False)   # a graph's input buffers keep a dtype
+    assert half is not None and half != key
+
+
+def test_only_single_sequences_get_a_graph_key(native, monkeypatch):
+    """A batched forward (encode_many's same-size chunk) never captures a CUDA graph, whose pool would hold the
+    batch's activations for the encoder's lifetime; single encodes do. (Graph keys are asked for as if on a GPU.)"""
+    runner_cls = tiny_models.import_pack("vl_core.encoders.qwen3vl_runner").Qwen3VLRunner
+    asked = []
+    monkeypatch.setattr(runner_cls, "_graphs_possible", lambda self: True)
+    monkeypatch.setattr(runner_cls, "_graph_key", lambda self, ids, images, wanted, fused: asked.append(
+        int(images[0].shape[0]) if images else 1))
+    images = [picture(64, 64, 46), picture(64, 64, 47)]
+    many = native.encode_many(images, PROMPT, [2], "after_image")
+    assert native.last_path == "fast" and asked == []
+    single = native.encode([images[1]], PROMPT, [2], "after_image")
+    assert asked == [1]
+    torch.testing.assert_close(many[1].hidden[2], single.hidden[2], atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture

@@ -366,7 +366,7 @@ def test_runner_outputs_are_owned_and_graphs_stay_off_the_cpu(hf_encoder):
 
 def test_graph_cache_counts_eager_runs_and_releases():
     """The cache captures on the second identical encode: ran_before is False once per key, then True;
-    release() forgets everything; it never engages off the GPU."""
+    release() forgets everything (a failed capture too); it never engages off the GPU."""
     from vl_core.encoders.graph_cache import GraphCache
 
     cache = GraphCache(capacity=2, seen_capacity=2)
@@ -375,8 +375,9 @@ def test_graph_cache_counts_eager_runs_and_releases():
     assert cache.ran_before("b") is False and cache.ran_before("c") is False     # "a" evicted (seen_capacity 2)
     assert cache.ran_before("a") is False
     assert cache.replay("a", []) is None
+    cache.broken = True                          # a failed capture: off until the next release
     cache.release()
-    assert cache.ran_before("b") is False
+    assert cache.ran_before("b") is False and cache.broken is False
     other = GraphCache()
     assert other.ran_before("b") is False        # each cache owns its state
 

@@ -4,7 +4,7 @@ An encode is ~1100 small kernel launches: on a GPU the forward is bound by the h
 The second time an identical encode (same key: ids, image sizes, layers, weights at the same addresses)
 runs, it is captured as a CUDA graph; later ones copy the new pixels into the graph's input buffers and
 replay it. `release()` drops every graph and the memory pools they hold (call it when the model is
-offloaded). A failed capture switches the cache off for good: eager from then on.
+offloaded). A failed capture switches the cache off until release(): eager meanwhile.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class GraphCache:
     def __init__(self, capacity: int = 2, seen_capacity: int = 64):
         self.capacity = capacity
         self.seen_capacity = seen_capacity
-        self.broken = False                       # a capture failed: never try again
+        self.broken = False                       # a capture failed: none until release()
         self._graphs: OrderedDict = OrderedDict()  # key -> {"graph", "images", "outputs", "keep"}
         self._seen: dict = {}                      # key -> eager runs so far
 
@@ -86,6 +86,8 @@ class GraphCache:
         return {layer: t.clone() for layer, t in outputs.items()}
 
     def release(self) -> None:
-        """Drop every captured graph (and the memory pools they hold) and the eager-run counts."""
+        """Drop every captured graph (and the memory pools they hold) and the eager-run counts; a failed capture
+        is tried again after it (it may have been a transient out-of-memory beside another model)."""
         self._graphs.clear()
         self._seen.clear()
+        self.broken = False

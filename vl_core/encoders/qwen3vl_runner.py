@@ -218,7 +218,7 @@ class Qwen3VLRunner(VisionTower):
         ops = self.fusion.ops(fkey, self.device)
         # the key (a scan of every weight's address) before the upload's bulk CPU copy, which measurably slows
         # the Python work right after it (bench/README.md "VL encode")
-        key = self._graph_key(ids, images, wanted, ops.fused) if self._graphs_possible() else None
+        key = self._graph_key(ids, images, wanted, ops.fused) if self._graphs_possible() and bsz == 1 else None
         images = [self.upload(im) for im in images]
         if key is not None:
             out = self.graphs.replay(key, images)
@@ -231,8 +231,8 @@ class Qwen3VLRunner(VisionTower):
                              for im in images])
             out = self.graphs.capture(key, self.device, lambda static: self._forward_on(tables, static, wanted, ops),
                                       images, keep=keep, cancelled=lambda: getattr(self.weights, "used_cast", False))
-        if out is None:
-            out = self._forward_on(tables, images, wanted, ops if self.fusion.uncaptured else EAGER)
+        if out is None:     # batches never capture: they take the compiled steps eagerly (guard costs are noise there)
+            out = self._forward_on(tables, images, wanted, ops if self.fusion.uncaptured or bsz > 1 else EAGER)
         if not ops.fused:     # compile the fused steps for these widths (background; never inside this encode)
             p = (int(images[0].shape[1]) * int(images[0].shape[2]) // s.patch_size ** 2) if images else 0
             rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
@@ -320,7 +320,9 @@ class Qwen3VLRunner(VisionTower):
         return self._decoder(x, cos, sin, image_pos, ds_feats, wanted)
 
     # ------------------------------------------------------------------ CUDA graphs (graph_cache.py)
-    # Only with plain resident weights (no per-call casting), never on the CPU.
+    # Only with plain resident weights (no per-call casting), never on the CPU, and only for single sequences:
+    # a batched forward is GPU-bound (launches are a small part of it) and its graph would hold GiBs of
+    # activations in a private pool for as long as the encoder lives, out of ComfyUI's sight.
 
     def _graphs_possible(self) -> bool:
         return (self.graphs is not None and self.graphs.usable(self.device)
@@ -334,7 +336,7 @@ class Qwen3VLRunner(VisionTower):
         if sig is None:
             return None
         return (id(self.visual), self.spec, self.dtype, self.device, self.sdpa, tuple(ids),
-                tuple(tuple(im.shape) for im in images), tuple(wanted), fused, sig)
+                tuple((tuple(im.shape), im.dtype) for im in images), tuple(wanted), fused, sig)
 
     def _decoder(self, x, cos, sin, image_pos, ds_feats, wanted):
         s, lm = self.spec, self.lm
