@@ -350,7 +350,6 @@ class NativeQwen3VLEncoder:
             return to_outputs(hidden, out_device)
 
     def _embeds(self, hidden, input_ids, prompt_span, layers, prompt, placement, sizes) -> VLEmbeds:
-        hidden = {layer: t.clone() if t.is_inference() else t for layer, t in hidden.items()}   # plain tensors
         return extract.build_embeds(hidden, input_ids, self.image_pad_id, prompt_span, layers, self.num_layers,
                                     placement=placement, source=self.source, prompt=prompt,
                                     image_sizes=tuple(sizes))
@@ -379,7 +378,7 @@ class NativeQwen3VLEncoder:
 
         raw_ids = [self.image_pad_id if isinstance(t, dict) else int(t) for t in row]
         input_ids, prompt_span = self._ids_and_span(raw_ids, before, text, after, counts)
-        hidden = {j_layer: cond[:, j].float() for j, j_layer in enumerate(layers)}
+        hidden = to_outputs({j_layer: cond[:, j] for j, j_layer in enumerate(layers)}, cond.device)   # owned, plain
         return self._embeds(hidden, input_ids, prompt_span, layers, prompt, placement, sizes)
 
     def _ids_and_span(self, raw_ids: list[int], before: str, text: str, after: str,
