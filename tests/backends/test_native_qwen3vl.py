@@ -35,9 +35,11 @@ def picture(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def packed_layers(lm) -> int:
-    """Decoder layers whose q/k/v weights are one block (the runner's single-GEMM path)."""
-    return sum(weights_mod.joint_rows([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                                       layer.self_attn.v_proj.weight]) is not None for layer in lm.layers)
+    """Decoder layers whose q/k/v weights are one block and gate/up weights another (the runner's joint GEMMs)."""
+    def joint(*ms):
+        return weights_mod.joint_rows([m.weight for m in ms]) is not None
+    return sum(joint(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+               and joint(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in lm.layers)
 
 
 @pytest.fixture(scope="module")
@@ -556,7 +558,7 @@ def test_projections_are_packed_after_every_load_and_patches_still_run(native_cl
                         lambda self, ms, x: joint_gemms.append(real_joint(self, ms, x)) or joint_gemms[-1])
     first = enc.encode([image], PROMPT, layers, "after_image")
     assert enc.last_path == "fast" and packed_layers(lm) == len(lm.layers)
-    assert len(joint_gemms) == 4 and all(y is not None for y in joint_gemms)      # layers 1..4: one GEMM each
+    assert len(joint_gemms) == 8 and all(y is not None for y in joint_gemms)   # layers 1..4: q/k/v, gate/up
     assert sum(p.nbytes for p in lm.parameters()) == nbytes
     want = host.encode([image], PROMPT, layers, "after_image")
     for layer in layers:

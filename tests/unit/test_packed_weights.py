@@ -1,4 +1,4 @@
-"""weights.pack_rows / joint_rows: the runner's q/k/v weights as one block (one GEMM), values and bytes kept."""
+"""weights.pack_rows / joint_rows: the runner's q/k/v (and gate/up) weights as one block (one GEMM), values and bytes kept."""
 import torch
 
 from vl_core.encoders import weights as weights_mod

@@ -80,6 +80,12 @@ def silu_mul(g, u):
     return F.silu(g) * u
 
 
+def silu_mul_joint(gu):
+    """silu_mul of gu = [g | u] [R, 2F], one joint gate/up projection (its halves read as views)."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
 def linear_gelu_tanh(x, w, b):
     """GELU_tanh(x Wᵀ + b) (the vision MLP's first layer)."""
     return F.gelu(F.linear(x, w, b), approximate="tanh")
@@ -119,7 +125,8 @@ def qkv_rope_functional(qkv, cos, ssin):
     return rope_functional(qkv[:, :2], cos, ssin).unbind(1)
 
 
-STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_norm_rope, qkv_rope, silu_mul)}
+STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_norm_rope, qkv_rope, silu_mul,
+                                         silu_mul_joint)}
 COMPILED_FORMS = {"qk_norm_rope": qk_norm_rope_functional,     # what torch.compile takes for a step, where its
                   "qkv_norm_rope": qkv_norm_rope_functional,   # eager op order does not compile to one pass
                   "qkv_rope": qkv_rope_functional}
