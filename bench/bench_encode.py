@@ -195,7 +195,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--batch-size-px", type=int, default=1024)
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the transformers paths")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown,hostparts,hostprofile")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown,hostparts,timeline,hostprofile")
     ap.add_argument("--fusion", default="auto", help="fusion mode of the fused rows (fusion.MODES)")
     ap.add_argument("--cold-runs", action="store_true", help="fresh-process first-encode figures (subprocesses)")
     ap.add_argument("--cold-probe", default=None, help=argparse.SUPPRESS)   # one fresh process of --cold-runs
@@ -301,6 +301,12 @@ def main(argv=None):
         "native fused eager": lambda im: native_fused_eager.encode([im], PROMPT, [layer], "after_image"),
         "transformers fused": lambda im: tr_fused.encode([im], PROMPT, [layer], "after_image"),
         "transformers fused eager": lambda im: tr_fused_eager.encode([im], PROMPT, [layer], "after_image"),
+        "native fused, previous host path": lambda im: previous_host_path(
+            native_fused, native_clip, tq, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
+        "native fused, float32 wire": lambda im: previous_host_path(
+            native_fused, None, None, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
+        "transformers fused, previous host path": lambda im: previous_host_path(
+            tr_fused, native_clip, tq, lambda: tr_fused.encode([im], PROMPT, [layer], "after_image")),
         "transformers hf": lambda im: tr_hf.encode([im], PROMPT, [layer], "after_image"),
         "baseline host": lambda im: host.encode([im], PROMPT, [layer], "after_image"),
         "baseline hf full": hf_full,
@@ -431,6 +437,16 @@ def main(argv=None):
         print("process costs (ms):", results["process_costs"], flush=True)
         results["host_parts"] = host_parts_section(native_fused, tr_fused, native_clip, tq, layer, g,
                                                    1024 if not args.tiny else 64, args.reps)
+    if "timeline" not in skip and device.type == "cuda":     # the GPU's own clock: DMA, idle time, spans
+        from timeline import encode_timeline
+
+        image = torch.rand(1024, 1024, 3, generator=g)
+        results["timeline"] = {}
+        for name in ("native fused", "transformers fused", "native fused, float32 wire"):
+            trace = str(Path(args.out).with_name(f"trace_{name.split(',')[0].replace(' ', '_')}.json")) \
+                if args.out and name == "native fused" else None
+            results["timeline"][name] = encode_timeline(lambda: methods[name](image), 5, trace)
+            print(f"timeline {name} (µs):", results["timeline"][name], flush=True)
     if "hostprofile" not in skip:      # where the rest of the host time goes, function by function
         image = torch.rand(*(2 * [1024 if not args.tiny else 64]), 3, generator=g)
         for name in ("native fused", "transformers fused"):
@@ -580,6 +596,41 @@ def native_host_parts(native, native_clip, image, layer, reps) -> dict:
              **runner_parts(runner),
              "to_outputs (waits for the GPU)": (native_clip, "to_outputs"), "_embeds": (native, "_embeds")}
     return host_parts(lambda: native.encode([image], PROMPT, [layer], "after_image"), native, runner, parts, reps)
+
+
+def to_outputs_host_widen(results: dict, device) -> dict:
+    """weights.to_outputs before 2026-12-03 (third round), for a same-run comparison: a bf16 DMA into a pinned
+    staging buffer, fresh pageable float32 outputs touched while the GPU computes, the widening copy on the host."""
+    import torch
+
+    staged, out = {}, {}
+    with torch.inference_mode(False):
+        for k, t in results.items():
+            staged[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            staged[k].copy_(t, non_blocking=True)
+            out[k] = torch.empty(t.shape, dtype=torch.float32)
+            out[k].view(-1)[::1024].zero_()
+        torch.cuda.current_stream().synchronize()
+        for k in results:
+            out[k].copy_(staged[k])
+    return out
+
+
+def previous_host_path(enc, native_clip, tq, fn):
+    """fn() with the image on the wire as float32 and, where the modules are given, the previous to_outputs (host
+    widening): the host path of the previous round, measured beside today's."""
+    runner = runner_of(enc)
+    runner.IMAGE_WIRE_DTYPE = None          # an instance attribute over the class's float16
+    mods = [m for m in (native_clip, tq) if m is not None and runner.device.type == "cuda"]
+    saved = [m.to_outputs for m in mods]
+    for m in mods:
+        m.to_outputs = to_outputs_host_widen
+    try:
+        return fn()
+    finally:
+        del runner.IMAGE_WIRE_DTYPE
+        for m, f in zip(mods, saved):
+            m.to_outputs = f
 
 
 def runner_of(enc):

@@ -187,7 +187,9 @@ class NativeQwen3VLEncoder:
         if runner is None:
             return self._encode_host(images, prompt, layers, placement, before, text, after, full, counts, sizes)
         hidden = self._run_fast(runner, input_ids, [[im] for im in images], sizes, layers)
-        return self._embeds(hidden, input_ids, prompt_span, layers, prompt, placement, sizes)
+        spans = extract.find_runs(input_ids, self.image_pad_id)     # host work while the GPU still runs
+        hidden = to_outputs(hidden, model_management.intermediate_device())
+        return self._embeds(hidden, input_ids, prompt_span, layers, prompt, placement, sizes, spans)
 
     def encode_many(self, images, prompt: str, layers: list[int], placement: str,
                     max_batch_tokens: int = 65536) -> list[VLEmbeds]:
@@ -212,7 +214,7 @@ class NativeQwen3VLEncoder:
                     for i in chunk:
                         results[i] = self.encode([images[i]], prompt, layers, placement)
                     continue
-                hidden = self._run_fast(runner, input_ids, [[images[i] for i in chunk]], sizes, layers, output=False)
+                hidden = self._run_fast(runner, input_ids, [[images[i] for i in chunk]], sizes, layers)
                 out_device = model_management.intermediate_device()
                 for row_i, i in enumerate(chunk):     # one pinned copy per image: each result owns its memory
                     rows = to_outputs({layer: t[row_i:row_i + 1] for layer, t in hidden.items()}, out_device)
@@ -324,9 +326,9 @@ class NativeQwen3VLEncoder:
         return None
 
     def _run_fast(self, runner: Qwen3VLRunner, input_ids: torch.Tensor, images: list[list[torch.Tensor]], sizes,
-                  layers, output: bool = True) -> dict[int, torch.Tensor]:
-        """images[k]: the k-th image of each sequence (one sequence per element): run and return float32
-        states on ComfyUI's intermediate device."""
+                  layers) -> dict[int, torch.Tensor]:
+        """images[k]: the k-th image of each sequence (one sequence per element): launch the forward and return
+        its states on the runner's device, still being computed there (to_outputs waits for them)."""
         import torch.nn.functional as F
 
         device = runner.device
@@ -334,7 +336,7 @@ class NativeQwen3VLEncoder:
         for k, size in enumerate(sizes):
             resize = any(tuple(im.shape[:2]) != tuple(size) for im in images[k])
             if len(images[k]) == 1 and not resize:
-                slots.append(images[k][0][None])        # forward uploads it (pinned staging) after its graph key
+                slots.append(images[k][0][None])        # forward uploads it (pinned staging) before its graph key
                 continue
             batch = torch.stack([runner.upload(im) for im in images[k]]) if len(images[k]) > 1 \
                 else runner.upload(images[k][0])[None]                 # pinned staging, asynchronous
@@ -343,15 +345,11 @@ class NativeQwen3VLEncoder:
                                       align_corners=False).permute(0, 2, 3, 1)
             slots.append(batch)
         with model_management.cuda_device_context(device):
-            hidden = runner.forward(input_ids.tolist(), self.image_pad_id, slots, layers)
-            if not output:
-                return hidden
-            out_device = model_management.intermediate_device()
-            return to_outputs(hidden, out_device)
+            return runner.forward(input_ids.tolist(), self.image_pad_id, slots, layers)
 
-    def _embeds(self, hidden, input_ids, prompt_span, layers, prompt, placement, sizes) -> VLEmbeds:
+    def _embeds(self, hidden, input_ids, prompt_span, layers, prompt, placement, sizes, spans=None) -> VLEmbeds:
         return extract.build_embeds(hidden, input_ids, self.image_pad_id, prompt_span, layers, self.num_layers,
-                                    placement=placement, source=self.source, prompt=prompt,
+                                    image_spans=spans, placement=placement, source=self.source, prompt=prompt,
                                     image_sizes=tuple(sizes))
 
     # ------------------------------------------------------------------ host path (ComfyUI's own encode)

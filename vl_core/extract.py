@@ -113,13 +113,17 @@ def select_tokens(embeds: VLEmbeds, mode: str) -> VLEmbeds:
 
 
 def build_embeds(hidden_states: Sequence[torch.Tensor] | dict[int, torch.Tensor], input_ids: torch.Tensor,
-                 image_pad_id: int, prompt_span: Span, layers: Sequence[int], num_layers: int, **meta) -> VLEmbeds:
+                 image_pad_id: int, prompt_span: Span, layers: Sequence[int], num_layers: int,
+                 image_spans: Sequence[Span] | None = None, **meta) -> VLEmbeds:
     """Assemble a VLEmbeds from a backend's hidden states (indexable by resolved layer) and expanded ids.
 
-    `input_ids` has one `image_pad_id` per image token, so image spans are its runs of that id.
+    `input_ids` has one `image_pad_id` per image token, so image spans are its runs of that id (`image_spans`:
+    find_runs(input_ids, image_pad_id) already computed, e.g. while the GPU still ran the forward).
     """
     hidden = {layer: hidden_states[layer] for layer in layers}
-    return VLEmbeds(hidden=hidden, image_spans=tuple(find_runs(input_ids, image_pad_id)),
+    if image_spans is None:
+        image_spans = find_runs(input_ids, image_pad_id)
+    return VLEmbeds(hidden=hidden, image_spans=tuple(map(tuple, image_spans)),
                     prompt_span=tuple(prompt_span), num_layers=num_layers, **meta)
 
 

@@ -164,6 +164,23 @@ def test_forward_stops_at_deepest_layer_and_never_computes_logits(hf_exact):
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in lm.layers] == hook_counts
 
 
+def test_float16_image_wire_keeps_the_states(hf_encoder):
+    """On CUDA the runner uploads pixels as IMAGE_WIRE_DTYPE (float16): what the forward then receives is the
+    image rounded to float16, which must change the states far less than the compute dtype's own rounding
+    (fp32 tiny model: ≤ 1e-3 relative), while a bfloat16 wire, 8 bits coarser, would show."""
+    from vl_core.encoders.qwen3vl_runner import Qwen3VLRunner
+
+    assert Qwen3VLRunner.IMAGE_WIRE_DTYPE == torch.float16
+    image, layers = picture(64, 96, 5), [1, 3]
+    exact = hf_encoder.encode([image], PROMPT, layers, "after_image").hidden
+    wire = hf_encoder.encode([image.half()], PROMPT, layers, "after_image").hidden
+    coarse = hf_encoder.encode([image.bfloat16()], PROMPT, layers, "after_image").hidden
+    for layer in layers:
+        rel = lambda x, y: float((x - y).norm() / y.norm())  # noqa: E731
+        assert rel(wire[layer], exact[layer]) <= 1e-3, layer
+        assert rel(coarse[layer], exact[layer]) > 2 * rel(wire[layer], exact[layer]), layer
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_engine_in_half_precision_matches_transformers(hf_tiny_path, dtype):
     """Weights in bf16/fp16: the fast runner computes in the weights' dtype like transformers does; both

@@ -80,6 +80,9 @@ class Qwen3VLRunner(VisionTower):
     """
 
     TABLE_CACHE = 32
+    # pixels cross the host → GPU link as float16 (half the DMA of float32; |error| ≤ 2⁻¹² on 0..1, far below the
+    # bf16 rounding of the patch embedding's input); None keeps the image's dtype
+    IMAGE_WIRE_DTYPE = torch.float16
     TUNE_ROWS = (1024, 4096)            # fused steps are compiled (tuned) for at least these rows: a 1024² encode
     _ops = EAGER                        # the elementwise steps of the forward running now (fusion.py)
 
@@ -97,7 +100,7 @@ class Qwen3VLRunner(VisionTower):
         self.fusion = fusion if isinstance(fusion, Fusion) else Fusion(fusion)
         self.staging = HostStaging()    # pinned buffers of image uploads
         self._tables: OrderedDict = OrderedDict()     # vision tables per (grid, device, dtype), on the device
-        self._packed_at: tuple = ()     # q/k/v weight addresses after the last pack_projections
+        self._packed_at: tuple = ()     # packed weights' addresses after the last pack_projections
 
     @property
     def _gqa(self) -> bool:
@@ -127,24 +130,32 @@ class Qwen3VLRunner(VisionTower):
             self._release(m, w, b, tok)
         return None if joint is None else F.linear(x, joint)
 
+    # the projections of a decoder layer that read the same input: each group stored as one block, one GEMM
+    PACKED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+    def packed_groups(self, layer) -> list[tuple]:
+        """The PACKED_GROUPS modules of one language-model layer."""
+        return [tuple(getattr(getattr(layer, part), name) for name in names) for part, names in self.PACKED_GROUPS]
+
     def pack_projections(self, token) -> int:
-        """Store each language-model layer's q/k/v weights as one block (weights.pack_rows: same values and bytes)
-        so the forward runs one GEMM for them (≈ 6 µs less per layer at 1024² on an H200, bench/kernel_shapes.py).
-        Called after every load by the owner with its residency token (None: not fully resident, nothing done);
-        a no-op while those weights sit where the last call left them (~100 pointers compared: any load or patch
-        moves some). Packing anything means the weights moved: the CUDA graphs captured over the old addresses
-        can never replay again and are released (their memory pools with them). The number of layers packed."""
+        """Store each language-model layer's q/k/v and gate/up weights as one block per group (weights.pack_rows:
+        same values and bytes) so the forward runs one GEMM for each (q/k/v: ≈ 6 µs less per layer at 1024² on an
+        H200, bench/kernel_shapes.py). Called after every load by the owner with its residency token (None: not
+        fully resident, nothing done); a no-op while those weights sit where the last call left them (~160
+        pointers compared: any load or patch moves some). Packing anything means the weights moved: the CUDA
+        graphs captured over the old addresses can never replay again and are released (their memory pools with
+        them). The number of groups packed."""
         if token is None:
             return 0
-        projs = self.__dict__.get("_projs")
-        if projs is None:
-            projs = self._projs = [p for layer in self.lm.layers
-                                   for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
-            self._proj_slots = weight_slots(projs, ("weight",))
+        groups = self.__dict__.get("_groups")
+        if groups is None:
+            groups = self._groups = [g for layer in self.lm.layers for g in self.packed_groups(layer)]
+            self._proj_slots = weight_slots([m for g in groups for m in g], ("weight",))
         where = addresses(self._proj_slots)
-        if where == self._packed_at and joint_rows([p.weight for p in projs[:3]]) is not None:
+        if where == self._packed_at and all(joint_rows([m.weight for m in g]) is not None
+                                            for g in groups[:len(self.PACKED_GROUPS)]):
             return 0                    # (layer 0 checked too: a reload may hand out the very same addresses)
-        n = sum(pack_rows(projs[i:i + 3]) for i in range(0, len(projs), 3))
+        n = sum(map(pack_rows, groups))
         self._packed_at = addresses(self._proj_slots)
         if n and self.graphs is not None:
             self.graphs.release()
@@ -187,8 +198,9 @@ class Qwen3VLRunner(VisionTower):
         return x, y
 
     def upload(self, t: torch.Tensor) -> torch.Tensor:
-        """t on the runner's device (CPU tensors through pinned staging buffers, asynchronously)."""
-        return self.staging.upload(t, self.device)
+        """An image t on the runner's device (CPU tensors through pinned staging buffers, asynchronously; floating
+        images as IMAGE_WIRE_DTYPE on the wire)."""
+        return self.staging.upload(t, self.device, self.IMAGE_WIRE_DTYPE if t.is_floating_point() else None)
 
     # ------------------------------------------------------------------ language model
 
@@ -216,10 +228,9 @@ class Qwen3VLRunner(VisionTower):
         ids = list(map(int, input_ids))
         fkey = self._fusion_key()
         ops = self.fusion.ops(fkey, self.device)
-        # the key (a scan of every weight's address) before the upload's bulk CPU copy, which measurably slows
-        # the Python work right after it (bench/README.md "VL encode")
-        key = self._graph_key(ids, images, wanted, ops.fused) if self._graphs_possible() and bsz == 1 else None
+        # the upload first: its DMA runs while the host builds the graph key (a scan of every weight's address)
         images = [self.upload(im) for im in images]
+        key = self._graph_key(ids, images, wanted, ops.fused) if self._graphs_possible() and bsz == 1 else None
         if key is not None:
             out = self.graphs.replay(key, images)
             if out is not None:
@@ -279,6 +290,7 @@ class Qwen3VLRunner(VisionTower):
                 "qkv_norm_rope": (z(rows, s.heads + 2 * s.kv_heads, hd), qw, kw, qe, ke, z(rows, 1, hd), z(rows, 1, hd),
                                   s.heads, s.kv_heads),
                 "silu_mul": (z(rows, f), z(rows, f)),
+                "silu_mul_joint": (z(rows, 2 * f),),
                 "add_layer_norm": (z(vision_rows, s.vision_hidden), z(vision_rows, s.vision_hidden), vw, vb, veps),
                 "qkv_rope": (z(vision_rows, 3, s.vision_heads, vhd), z(vision_rows, 1, 1, vhd),
                              z(vision_rows, 1, 1, vhd))}
@@ -378,8 +390,12 @@ class Qwen3VLRunner(VisionTower):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if rep > 1 and self._gqa else {}))
             x, y = self._add_norm(layer.post_attention_layernorm, x,
                                   self._linear(att.o_proj, o.transpose(1, 2).reshape(bsz, n, heads * hd)), rms=True)
-            g, u = self._linear(layer.mlp.gate_proj, y), self._linear(layer.mlp.up_proj, y)
-            y = self._ops.silu_mul(g.view(-1, g.shape[-1]), u.view(-1, u.shape[-1])).view(g.shape)
+            gu = self._joint_linear((layer.mlp.gate_proj, layer.mlp.up_proj), y)
+            if gu is not None:                         # packed gate/up weights: one GEMM, halves read as views
+                y = self._ops.silu_mul_joint(gu.view(-1, gu.shape[-1])).view(bsz, n, -1)
+            else:
+                g, u = self._linear(layer.mlp.gate_proj, y), self._linear(layer.mlp.up_proj, y)
+                y = self._ops.silu_mul(g.view(-1, g.shape[-1]), u.view(-1, u.shape[-1])).view(g.shape)
             r = self._linear(layer.mlp.down_proj, y)
             index = i + 1                              # hidden_states index of this layer's output
             has_ds = i < len(ds_feats)

@@ -282,10 +282,11 @@ class TransformersQwen3VL:
 
     def _finish(self, hidden: dict[int, torch.Tensor], input_ids, prompt_span, prompt: str, placement: str,
                  images: Sequence[torch.Tensor]) -> VLEmbeds:
+        spans = extract.find_runs(input_ids, self.image_pad_id)     # host work while the GPU may still run
         # plain float32 tensors of their own (also under inference mode): downstream code may modify them in place
         hidden = to_outputs(hidden, self.output_device)
         return extract.build_embeds(
-            hidden, input_ids, self.image_pad_id, prompt_span, sorted(hidden), self.num_layers,
+            hidden, input_ids, self.image_pad_id, prompt_span, sorted(hidden), self.num_layers, image_spans=spans,
             placement=placement, source=self.source, prompt=prompt,
             image_sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images))
 

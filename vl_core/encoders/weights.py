@@ -103,26 +103,24 @@ def to_outputs(results: dict, device) -> dict:
     """float32 copies on `device` of the runner's results ({key: tensor}) that the caller owns: plain tensors, also
     when called under inference mode (ComfyUI runs nodes in it), so no clone is needed downstream.
 
-    GPU → CPU (results up to 64 MiB): one DMA each in the result's own dtype (bf16: half the bytes) into pinned
-    buffers; *while the GPU still computes*, the float32 outputs are allocated and their pages touched (results
-    are kept, so their memory is fresh every time, and first-touch page faults cost ≈ 1 ms per 10 MB); after the
-    one synchronisation only the exact widening copy is left."""
+    GPU → CPU (results up to 64 MiB): widened to float32 on the GPU (exact; one kernel), then one DMA each
+    into a page-locked output from torch's caching host allocator, whose blocks come back when the caller drops
+    a result: no first-touch page faults (≈ 1 ms per 10 MB of fresh pageable memory) and no host widening copy,
+    which ran on OpenMP's pool and left its idle workers spinning into the next Python work (bench/README.md).
+    The outputs are pinned CPU tensors (≤ 64 MiB each)."""
     device = torch.device(device)
-    staged, out = {}, {}
+    out, sources = {}, set()
     with torch.inference_mode(False):
         for k, t in results.items():
             if t.device.type == "cuda" and device.type == "cpu" and t.numel() * 4 <= PINNED_OUTPUT_MAX_BYTES:
-                staged[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                staged[k].copy_(t, non_blocking=True)
-                out[k] = torch.empty(t.shape, dtype=torch.float32)
-                if t.numel():
-                    out[k].view(-1)[::1024].zero_()     # one write per 4 KiB page: the faults, not a memset
-        for source in {results[k].device for k in staged}:
+                wide = t.to(torch.float32, memory_format=torch.contiguous_format)   # stream-ordered: safe to drop
+                out[k] = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+                out[k].copy_(wide, non_blocking=True)
+                sources.add(t.device)
+        for source in sources:
             torch.cuda.current_stream(source).synchronize()
         for k, t in results.items():
-            if k in staged:
-                out[k].copy_(staged[k])
-            else:
+            if k not in out:
                 o = t.to(device, torch.float32)
                 out[k] = o.clone() if o is t or o.is_inference() else o
     return out
@@ -132,22 +130,23 @@ class HostStaging:
     """Host → device uploads through reused pinned buffers: one CPU copy into page-locked memory, then an
     asynchronous DMA (a pageable `.to(device)` is a slower, synchronous driver-staged copy). A buffer is
     rewritten only after its previous DMA finished (an event per buffer). Tensors over `max_bytes`, already
-    pinned, or not CPU → CUDA go straight through `.to(device, non_blocking=True)`."""
+    pinned, or not CPU → CUDA go straight through `.to(device, non_blocking=True)`. `dtype`: the dtype on the
+    wire (the copy into the pinned buffer converts), e.g. float16 for images: half the DMA's bytes."""
 
     def __init__(self, capacity: int = 4, max_bytes: int = PINNED_OUTPUT_MAX_BYTES):
         self.capacity = capacity
         self.max_bytes = max_bytes
         self._buffers: dict = {}      # (shape, dtype) -> (pinned buffer, event of its last DMA)
 
-    def upload(self, t: torch.Tensor, device) -> torch.Tensor:
+    def upload(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
         device = torch.device(device)
         if (device.type != "cuda" or t.device.type != "cpu" or t.is_pinned()
                 or t.numel() * t.element_size() > self.max_bytes):
             return t.to(device, non_blocking=True)
-        key = (tuple(t.shape), t.dtype)
+        key = (tuple(t.shape), dtype or t.dtype)
         hit = self._buffers.pop(key, None)
         if hit is None:
-            buf, event = torch.empty(t.shape, dtype=t.dtype, pin_memory=True), None
+            buf, event = torch.empty(t.shape, dtype=key[1], pin_memory=True), None
         else:
             buf, event = hit
             if event is not None:
