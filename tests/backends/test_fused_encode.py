@@ -59,7 +59,7 @@ def test_fused_encode_matches_eager_and_compiles_once_for_every_size(fused_encod
     # every step against its eager twin on random inputs of the widths the model uses
     with torch.inference_mode():
         g = torch.Generator().manual_seed(3)
-        examples = runner._fusion_examples(37, 96)
+        examples = fusion.step_examples(runner, 37, 96)
         compiled = runner.fusion.ops(key, runner.device)
         for name, args in examples.items():
             args = tuple(torch.randn(a.shape, generator=g) if torch.is_tensor(a) and a.ndim >= 2 else a for a in args)

@@ -125,6 +125,39 @@ def qkv_rope_functional(qkv, cos, ssin):
     return rope_functional(qkv[:, :2], cos, ssin).unbind(1)
 
 
+def step_examples(runner, rows: int, vision_rows: int) -> dict:
+    """Dummy arguments of every fused step at a Qwen3VLRunner encode's row counts (its real norm weights, compute
+    dtype, device): what the background compile traces."""
+    s, layer, blk = runner.spec, runner.lm.layers[0], runner.visual.blocks[0]
+
+    def z(*shape):
+        return torch.zeros(shape, dtype=runner.dtype, device=runner.device)
+
+    def norm(m):
+        w, b, eps, tok = runner._norm_params(m)
+        if tok is not None:        # a per-call cast: keep a copy, give the cast back
+            w, b = w.clone(), (b.clone() if b is not None else None)
+            runner._release(m, w, b, tok)
+        return w, b, eps
+
+    w, _, eps = norm(layer.input_layernorm)
+    qw, _, qe = norm(layer.self_attn.q_norm)
+    kw, _, ke = norm(layer.self_attn.k_norm)
+    vw, vb, veps = norm(blk.norm1)
+    f = layer.mlp.gate_proj.weight.shape[0]
+    hd, vhd = s.head_dim, s.vision_head_dim
+    return {"add_rms_norm": (z(rows, s.hidden), z(rows, s.hidden), w, eps),
+            "qk_norm_rope": (z(rows, s.heads, hd), z(rows, s.kv_heads, hd), qw, kw, qe, ke,
+                             z(rows, 1, hd), z(rows, 1, hd)),
+            "qkv_norm_rope": (z(rows, s.heads + 2 * s.kv_heads, hd), qw, kw, qe, ke, z(rows, 1, hd), z(rows, 1, hd),
+                              s.heads, s.kv_heads),
+            "silu_mul": (z(rows, f), z(rows, f)),
+            "silu_mul_joint": (z(rows, 2 * f),),
+            "add_layer_norm": (z(vision_rows, s.vision_hidden), z(vision_rows, s.vision_hidden), vw, vb, veps),
+            "qkv_rope": (z(vision_rows, 3, s.vision_heads, vhd), z(vision_rows, 1, 1, vhd),
+                         z(vision_rows, 1, 1, vhd))}
+
+
 STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_norm_rope, qkv_rope, silu_mul,
                                          silu_mul_joint)}
 COMPILED_FORMS = {"qk_norm_rope": qk_norm_rope_functional,     # what torch.compile takes for a step, where its

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import require_choice
-from .fusion import EAGER, Fusion
+from .fusion import EAGER, Fusion, step_examples
 from .graph_cache import GraphCache
 from .qwen3vl_spec import Qwen3VLSpec, check_modules
 from .qwen3vl_tables import mrope_positions, signed_sin, text_rope
@@ -247,7 +247,7 @@ class Qwen3VLRunner(VisionTower):
         if not ops.fused:     # compile the fused steps for these widths (background; never inside this encode)
             p = (int(images[0].shape[1]) * int(images[0].shape[2]) // s.patch_size ** 2) if images else 0
             rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
-            self.fusion.after_encode(fkey, self.device, lambda: self._fusion_examples(*rows))
+            self.fusion.after_encode(fkey, self.device, lambda: step_examples(self, *rows))
         return out
 
     def _forward_on(self, tables, images: list[torch.Tensor], wanted: list[int], ops=EAGER) -> dict[int, torch.Tensor]:
@@ -263,37 +263,6 @@ class Qwen3VLRunner(VisionTower):
     def _fusion_key(self):
         ffn = tuple(self.lm.layers[0].mlp.gate_proj.weight.shape)
         return (self.device, self.dtype, self.spec, ffn)
-
-    def _fusion_examples(self, rows: int, vision_rows: int) -> dict:
-        """Dummy arguments of every fused step at this encode's row counts (real norm weights, compute dtype)."""
-        s, layer, blk = self.spec, self.lm.layers[0], self.visual.blocks[0]
-
-        def z(*shape):
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
-
-        def norm(m):
-            w, b, eps, tok = self._norm_params(m)
-            if tok is not None:        # a per-call cast: keep a copy, give the cast back
-                w, b = w.clone(), (b.clone() if b is not None else None)
-                self._release(m, w, b, tok)
-            return w, b, eps
-
-        w, _, eps = norm(layer.input_layernorm)
-        qw, _, qe = norm(layer.self_attn.q_norm)
-        kw, _, ke = norm(layer.self_attn.k_norm)
-        vw, vb, veps = norm(blk.norm1)
-        f = layer.mlp.gate_proj.weight.shape[0]
-        hd, vhd = s.head_dim, s.vision_head_dim
-        return {"add_rms_norm": (z(rows, s.hidden), z(rows, s.hidden), w, eps),
-                "qk_norm_rope": (z(rows, s.heads, hd), z(rows, s.kv_heads, hd), qw, kw, qe, ke,
-                                 z(rows, 1, hd), z(rows, 1, hd)),
-                "qkv_norm_rope": (z(rows, s.heads + 2 * s.kv_heads, hd), qw, kw, qe, ke, z(rows, 1, hd), z(rows, 1, hd),
-                                  s.heads, s.kv_heads),
-                "silu_mul": (z(rows, f), z(rows, f)),
-                "silu_mul_joint": (z(rows, 2 * f),),
-                "add_layer_norm": (z(vision_rows, s.vision_hidden), z(vision_rows, s.vision_hidden), vw, vb, veps),
-                "qkv_rope": (z(vision_rows, 3, s.vision_heads, vhd), z(vision_rows, 1, 1, vhd),
-                             z(vision_rows, 1, 1, vhd))}
 
     def _tables_for(self, ids: list[int], image_pad_id: int, grids) -> tuple:
         """All host-side tables first, then one copy each: no synchronisation inside the forward."""
