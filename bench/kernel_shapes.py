@@ -110,10 +110,10 @@ def attention(m: int, vision_tokens: int, dev, dt):
 
 
 def qk_norm_rope_forms(m: int, dev, dt):
-    """The q/k norm + RoPE step compiled from the eager twin and from its functional form (fusion.py)."""
+    """The q/k norm + RoPE step compiled from the eager twin and from its functional form (fused_steps.py)."""
     from common import import_pack
 
-    fusion = import_pack("vl_core.encoders.fusion")
+    fusion = import_pack("vl_core.encoders.fused_steps")
     q, k = torch.randn(m, 32, 128, device=dev, dtype=dt), torch.randn(m, 8, 128, device=dev, dtype=dt)
     qw, kw = torch.rand(128, device=dev, dtype=dt), torch.rand(128, device=dev, dtype=dt)
     cos, sin = torch.randn(m, 1, 128, device=dev, dtype=dt), torch.randn(m, 1, 128, device=dev, dtype=dt)

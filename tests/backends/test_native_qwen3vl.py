@@ -419,7 +419,7 @@ def test_graph_key_follows_the_tensors_the_modules_hold_now(hf_tiny_path):
     clip = tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256)
     enc = native_clip_mod.NativeQwen3VLEncoder(clip)
     enc.encode([picture(64, 64, 45)], PROMPT, [2], "after_image")
-    runner, images = enc._runner, [picture(64, 64, 45)[None]]
+    runner, images = enc._runner, [((1, 64, 64, 3), torch.float32)]       # each image's (shape, dtype) on the device
     key = runner._graph_key([1, 2, 3], images, [2], False)
     assert key is not None and runner._graph_key([1, 2, 3], images, [2], False) == key
     vision = next(n for n, p in enc._transformer.named_parameters() if n.startswith("visual.blocks.0.") and p.dim() == 2)
@@ -433,7 +433,7 @@ def test_graph_key_follows_the_tensors_the_modules_hold_now(hf_tiny_path):
         new_key = runner._graph_key([1, 2, 3], images, [2], False)
         assert new_key is not None and new_key != key and new_key[:-1] == key[:-1]
         key = new_key
-    half = runner._graph_key([1, 2, 3], [images[0].half()], [2], False)   # a graph's input buffers keep a dtype
+    half = runner._graph_key([1, 2, 3], [((1, 64, 64, 3), torch.float16)], [2], False)   # input buffers keep a dtype
     assert half is not None and half != key
 
 
@@ -443,8 +443,8 @@ def test_only_single_sequences_get_a_graph_key(native, monkeypatch):
     runner_cls = tiny_models.import_pack("vl_core.encoders.qwen3vl_runner").Qwen3VLRunner
     asked = []
     monkeypatch.setattr(runner_cls, "_graphs_possible", lambda self: True)
-    monkeypatch.setattr(runner_cls, "_graph_key", lambda self, ids, images, wanted, fused: asked.append(
-        int(images[0].shape[0]) if images else 1))
+    monkeypatch.setattr(runner_cls, "_graph_key", lambda self, ids, wires, wanted, fused: asked.append(
+        int(wires[0][0][0]) if wires else 1))
     images = [picture(64, 64, 46), picture(64, 64, 47)]
     many = native.encode_many(images, PROMPT, [2], "after_image")
     assert native.last_path == "fast" and asked == []
@@ -591,4 +591,12 @@ def test_projections_are_packed_after_every_load_and_patches_still_run(native_cl
     assert load_calls["load"] == 0 and packed_layers(lm) == len(lm.layers)
     assert not enc.graphs._seen                 # weights moved: graphs over the old addresses released
     assert all(torch.equal(again.hidden[k], first.hidden[k]) for k in layers)
+
+    mlp = lm.layers[2].mlp                     # a middle layer's weights swapped under the same token
+    with torch.no_grad():
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight.data = proj.weight.data.clone()
+    middle = enc.encode([image], PROMPT, layers, "after_image")
+    assert packed_layers(lm) == len(lm.layers)
+    assert all(torch.equal(middle.hidden[k], first.hidden[k]) for k in layers)
 

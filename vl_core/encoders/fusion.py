@@ -1,11 +1,11 @@
-"""Fused elementwise steps of the Qwen3-VL runner: eager twins (today's op order) and their torch.compile versions.
+"""Which elementwise steps the Qwen3-VL runner uses: the eager twins or their torch.compile versions.
 
-Each step is a small pure function of tensors (rows first: [R, ...], R = batch · tokens). The runner calls
+The steps themselves (small pure functions of tensors, rows first) live in fused_steps.py. The runner calls
 `ops.<step>` with `ops = Fusion.ops(key)`: the eager twins (exactly the runner's former op sequence) until the
 compiled set for that key (device, dtype, model widths) is ready. Compilation (inductor) never happens at import
 or inside a first encode: after the first encode on a CUDA device it runs in a background thread on dummies of
-that encode's shapes, with the row dimension marked dynamic (one graph per step for every image size and batch),
-using inductor's on-disk caches (FX graph, AOT autograd, Triton kernels) under COMPILE_CACHE, so a later process
+that encode's shapes, with the row dimension marked dynamic (fused_steps.DYNAMIC_DIMS; one graph per step for
+every image size and batch), using inductor's on-disk caches (FX graph, AOT autograd, Triton kernels) under COMPILE_CACHE, so a later process
 loads the kernels instead of compiling them. Off: env ZIMAGE_VL_COMPILE=0, the CPU (unless mode "on"/"sync"),
 no Triton, or a failed compile (logged once; eager from then on). Mode "sync" compiles inside the first encode.
 Mode "auto" uses the compiled steps only in forwards captured as CUDA graphs: uncaptured, their host cost per
@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Hashable
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import require_choice
+from . import switch_interval
+from .fused_steps import COMPILED_FORMS, DYNAMIC_DIMS, EAGER_ONLY, FUSED_ONLY, STEPS
 
 log = logging.getLogger("comfyui-zimage-vl")
 
@@ -32,139 +32,6 @@ MODES = ("auto", "on", "sync", "off")     # auto: CUDA + Triton, background; on:
 ENV_MODE = "ZIMAGE_VL_COMPILE"            # 0/off/false/no -> off; 1/on/true/yes -> on; auto; sync
 ENV_CACHE = "ZIMAGE_VL_COMPILE_CACHE"     # inductor cache dir (default ~/.cache/comfyui-zimage-vl/inductor)
 
-
-# ------------------------------------------------------------------ the steps (eager twins)
-
-def rope(x, cos, ssin):
-    """Rotate-half RoPE on the last dim, x·cos + rotate_half(x)·sin in x's dtype (ComfyUI's op order: one
-    product, two in-place multiply-adds); ssin = signed sin [-sin(first half), sin(second half)]."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], ssin[..., :half])
-    out[..., half:].addcmul_(x[..., :half], ssin[..., half:])
-    return out
-
-
-def add_rms_norm(x, r, w, eps: float):
-    """h = x + r; (h, h / sqrt(mean(h²) + eps) · w): residual add and the next RMSNorm."""
-    h = x + r
-    return h, F.rms_norm(h, (h.shape[-1],), w, eps)
-
-
-def add_layer_norm(x, r, w, b, eps: float):
-    """h = x + r; (h, LayerNorm(h)·w + b): residual add and the next LayerNorm."""
-    h = x + r
-    return h, F.layer_norm(h, (h.shape[-1],), w, b, eps)
-
-
-def qk_norm_rope(q, k, qw, kw, q_eps: float, k_eps: float, cos, ssin):
-    """Per-head RMSNorm then RoPE of q [R, H, hd] and k [R, Hkv, hd]; cos, ssin [R, 1, hd]."""
-    q = rope(F.rms_norm(q, (q.shape[-1],), qw, q_eps), cos, ssin)
-    k = rope(F.rms_norm(k, (k.shape[-1],), kw, k_eps), cos, ssin)
-    return q, k
-
-
-def qkv_norm_rope(qkv, qw, kw, q_eps: float, k_eps: float, cos, ssin, heads: int, kv_heads: int):
-    """qk_norm_rope of q = qkv[:, :heads], k = qkv[:, heads:heads + kv_heads] of one joint projection
-    qkv [R, heads + 2·kv_heads, hd] (v, the rest, is read by the caller as a view)."""
-    return qk_norm_rope(qkv[:, :heads], qkv[:, heads:heads + kv_heads], qw, kw, q_eps, k_eps, cos, ssin)
-
-
-def qkv_rope(qkv, cos, ssin):
-    """Vision q, k of qkv [R, 3, H, hd] rotated (each [R, H, hd]); cos, ssin [R, 1, 1, hd]."""
-    return rope(qkv[:, :2], cos, ssin).unbind(1)
-
-
-def silu_mul(g, u):
-    """SiLU(g) · u (the gated MLP's product)."""
-    return F.silu(g) * u
-
-
-def silu_mul_joint(gu):
-    """silu_mul of gu = [g | u] [R, 2F], one joint gate/up projection (its halves read as views)."""
-    g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
-
-
-def linear_gelu_tanh(x, w, b):
-    """GELU_tanh(x Wᵀ + b) (the vision MLP's first layer)."""
-    return F.gelu(F.linear(x, w, b), approximate="tanh")
-
-
-def linear_gelu_tanh_epilogue(x, w, b):
-    """linear_gelu_tanh with the GELU in the GEMM's epilogue on CUDA (cuBLASLt GELU_BIAS, through
-    torch._addmm_activation: one kernel instead of GEMM + a GELU pass over [R, 4·D]); eager elsewhere."""
-    if b is None or not x.is_cuda or not hasattr(torch, "_addmm_activation"):
-        return linear_gelu_tanh(x, w, b)
-    y = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
-    return y.view(*x.shape[:-1], w.shape[0])
-
-
-def rope_functional(x, cos, ssin):
-    """rope() without in-place slice updates: x·cos + [x₂, x₁]·ssin (the sign lives in ssin). What inductor
-    compiles: the slice-wise addcmul_ of the eager op order became several kernels per step (≈ 23 µs per
-    language-model layer for the q/k norm + RoPE on an H200, bench/kernel_shapes.py), this one pointwise pass."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * ssin
-
-
-def qk_norm_rope_functional(q, k, qw, kw, q_eps: float, k_eps: float, cos, ssin):
-    """qk_norm_rope through rope_functional."""
-    q = rope_functional(F.rms_norm(q, (q.shape[-1],), qw, q_eps), cos, ssin)
-    k = rope_functional(F.rms_norm(k, (k.shape[-1],), kw, k_eps), cos, ssin)
-    return q, k
-
-
-def qkv_norm_rope_functional(qkv, qw, kw, q_eps: float, k_eps: float, cos, ssin, heads: int, kv_heads: int):
-    """qkv_norm_rope through rope_functional."""
-    return qk_norm_rope_functional(qkv[:, :heads], qkv[:, heads:heads + kv_heads], qw, kw, q_eps, k_eps, cos, ssin)
-
-
-def qkv_rope_functional(qkv, cos, ssin):
-    """qkv_rope through rope_functional."""
-    return rope_functional(qkv[:, :2], cos, ssin).unbind(1)
-
-
-def step_examples(runner, rows: int, vision_rows: int) -> dict:
-    """Dummy arguments of every fused step at a Qwen3VLRunner encode's row counts (its real norm weights, compute
-    dtype, device): what the background compile traces."""
-    s, layer, blk = runner.spec, runner.lm.layers[0], runner.visual.blocks[0]
-
-    def z(*shape):
-        return torch.zeros(shape, dtype=runner.dtype, device=runner.device)
-
-    def norm(m):
-        w, b, eps, tok = runner._norm_params(m)
-        if tok is not None:        # a per-call cast: keep a copy, give the cast back
-            w, b = w.clone(), (b.clone() if b is not None else None)
-            runner._release(m, w, b, tok)
-        return w, b, eps
-
-    w, _, eps = norm(layer.input_layernorm)
-    qw, _, qe = norm(layer.self_attn.q_norm)
-    kw, _, ke = norm(layer.self_attn.k_norm)
-    vw, vb, veps = norm(blk.norm1)
-    f = layer.mlp.gate_proj.weight.shape[0]
-    hd, vhd = s.head_dim, s.vision_head_dim
-    return {"add_rms_norm": (z(rows, s.hidden), z(rows, s.hidden), w, eps),
-            "qk_norm_rope": (z(rows, s.heads, hd), z(rows, s.kv_heads, hd), qw, kw, qe, ke,
-                             z(rows, 1, hd), z(rows, 1, hd)),
-            "qkv_norm_rope": (z(rows, s.heads + 2 * s.kv_heads, hd), qw, kw, qe, ke, z(rows, 1, hd), z(rows, 1, hd),
-                              s.heads, s.kv_heads),
-            "silu_mul": (z(rows, f), z(rows, f)),
-            "silu_mul_joint": (z(rows, 2 * f),),
-            "add_layer_norm": (z(vision_rows, s.vision_hidden), z(vision_rows, s.vision_hidden), vw, vb, veps),
-            "qkv_rope": (z(vision_rows, 3, s.vision_heads, vhd), z(vision_rows, 1, 1, vhd),
-                         z(vision_rows, 1, 1, vhd))}
-
-
-STEPS = {f.__name__: f for f in (add_rms_norm, add_layer_norm, qk_norm_rope, qkv_norm_rope, qkv_rope, silu_mul,
-                                         silu_mul_joint)}
-COMPILED_FORMS = {"qk_norm_rope": qk_norm_rope_functional,     # what torch.compile takes for a step, where its
-                  "qkv_norm_rope": qkv_norm_rope_functional,   # eager op order does not compile to one pass
-                  "qkv_rope": qkv_rope_functional}
-EAGER_ONLY = {"linear_gelu_tanh": linear_gelu_tanh}                # steps torch.compile does not take over:
-FUSED_ONLY = {"linear_gelu_tanh": linear_gelu_tanh_epilogue}       # their fused form is a library kernel
 
 
 class _Steps:
@@ -261,24 +128,26 @@ class _Compiler:
         return self.steps
 
     def warm(self, key: Hashable, examples: dict, device: torch.device) -> None:
-        """Compile and run every step once on `examples` (name -> args; rows marked dynamic); record the key or
-        the failure."""
+        """Compile and run every step once on `examples` (name -> args, or a list of them; rows marked dynamic);
+        record the key or the failure."""
         import time
 
         t0 = time.perf_counter()
-        interval = sys.getswitchinterval()
+        switch = -1
         if threading.current_thread() is not threading.main_thread():   # hand the GIL back to the caller's thread
-            sys.setswitchinterval(min(interval, self.SWITCH_INTERVAL))   # quickly while compiling (default 5 ms)
+            switch = switch_interval.lower(self.SWITCH_INTERVAL)         # quickly while compiling (default 5 ms)
         try:
             cache_dir = _use_cache_dir()
             steps = self.compiled()
             guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
             with guard, torch.inference_mode(), _warm_up_compile_threads(cache_dir):
-                for name, args in examples.items():
-                    for a in args:
-                        if isinstance(a, torch.Tensor) and a.ndim >= 2:
-                            torch._dynamo.maybe_mark_dynamic(a, 0)
-                    getattr(steps, name)(*args)
+                for name, variants in examples.items():
+                    for args in variants if isinstance(variants, list) else [variants]:
+                        for i, a in enumerate(args):
+                            if isinstance(a, torch.Tensor) and a.ndim >= 2:
+                                for dim in DYNAMIC_DIMS.get(name, {}).get(i, (0,)):
+                                    torch._dynamo.maybe_mark_dynamic(a, dim)
+                        getattr(steps, name)(*args)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             with self.lock:
@@ -291,7 +160,7 @@ class _Compiler:
             self.failed = f"{type(e).__name__}: {e}"
             log.warning("Qwen3-VL runner: torch.compile of the fused steps failed (%s); running eagerly", self.failed)
         finally:
-            sys.setswitchinterval(interval)
+            switch_interval.restore(switch)
             with self.lock:
                 self.pending = None
 

@@ -28,7 +28,8 @@ modules it manages (lowvram / dynamic VRAM / LoRA weight functions). Tables: qwe
 graphs of repeated encodes: a GraphCache (graph_cache.py) the runner's owner creates and releases. The
 elementwise steps between the matmuls (residual add + norm, q/k norm + RoPE, SiLU·mul) come from fusion.py:
 their eager twins unless the process has compiled them (torch.compile: opt-in, ZIMAGE_VL_COMPILE=auto; off on the CPU).
-Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging).
+Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging), their copies into them
+started on a worker thread (prefetch) before the host work of the encode.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import require_choice
-from .fusion import EAGER, Fusion, step_examples
+from .fused_steps import step_examples
+from .fusion import EAGER, Fusion
 from .graph_cache import GraphCache
 from .qwen3vl_spec import Qwen3VLSpec, check_modules
 from .qwen3vl_tables import mrope_positions, signed_sin, text_rope
@@ -144,7 +146,8 @@ class Qwen3VLRunner(VisionTower):
         fully resident, nothing done); a no-op while those weights sit where the last call left them (~160
         pointers compared: any load or patch moves some). Packing anything means the weights moved: the CUDA
         graphs captured over the old addresses can never replay again and are released (their memory pools with
-        them). The number of groups packed."""
+        them). (The scan cannot be skipped under an unchanged token: ComfyUI unpatching a LoRA'd clone restores
+        the original token with a middle layer's weight replaced.) The number of groups packed."""
         if token is None:
             return 0
         groups = self.__dict__.get("_groups")
@@ -197,10 +200,33 @@ class Qwen3VLRunner(VisionTower):
         self._release(m, w, b, tok)
         return x, y
 
+    def _wire(self, t: torch.Tensor) -> torch.dtype | None:
+        return self.IMAGE_WIRE_DTYPE if t.is_floating_point() else None
+
+    def image_dtype(self) -> torch.dtype:
+        """The dtype a float32 image has inside the forward (on the wire to a GPU, float32 on the CPU)."""
+        return self.staging.wire_dtype(torch.empty(0), self.device, self.IMAGE_WIRE_DTYPE)
+
     def upload(self, t: torch.Tensor) -> torch.Tensor:
         """An image t on the runner's device (CPU tensors through pinned staging buffers, asynchronously; floating
-        images as IMAGE_WIRE_DTYPE on the wire)."""
-        return self.staging.upload(t, self.device, self.IMAGE_WIRE_DTYPE if t.is_floating_point() else None)
+        images as IMAGE_WIRE_DTYPE on a GPU)."""
+        return self.staging.upload(t, self.device, self._wire(t))
+
+    def _prefetch(self, images: Sequence[torch.Tensor]) -> None:
+        for t in images:
+            self.staging.prefetch(t, self.device, self._wire(t))
+
+    @contextlib.contextmanager
+    def prefetching(self, images: Sequence[torch.Tensor]):
+        """Start the staging copies of these images (exactly the tensors forward will get) on the staging thread, so
+        that the caller's host work in the block (tokens, loading checks) runs while they copy; copies the block's
+        forward did not take are dropped at its end."""
+        self.staging.drop_prefetched()
+        self._prefetch(images)
+        try:
+            yield
+        finally:
+            self.staging.drop_prefetched()
 
     # ------------------------------------------------------------------ language model
 
@@ -228,9 +254,14 @@ class Qwen3VLRunner(VisionTower):
         ids = list(map(int, input_ids))
         fkey = self._fusion_key()
         ops = self.fusion.ops(fkey, self.device)
-        # the upload first: its DMA runs while the host builds the graph key (a scan of every weight's address)
-        images = [self.upload(im) for im in images]
-        key = self._graph_key(ids, images, wanted, ops.fused) if self._graphs_possible() and bsz == 1 else None
+        # the staging copies run (worker thread) while the host builds the graph key (a scan of every weight's address)
+        self._prefetch(images)
+        try:
+            wires = [(tuple(im.shape), self.staging.wire_dtype(im, self.device, self._wire(im))) for im in images]
+            key = self._graph_key(ids, wires, wanted, ops.fused) if self._graphs_possible() and bsz == 1 else None
+            images = [self.upload(im) for im in images]
+        finally:
+            self.staging.drop_prefetched()
         if key is not None:
             out = self.graphs.replay(key, images)
             if out is not None:
@@ -309,7 +340,8 @@ class Qwen3VLRunner(VisionTower):
         return (self.graphs is not None and self.graphs.usable(self.device)
                 and getattr(self.weights, "graph_safe", False) and not Fusion.busy())
 
-    def _graph_key(self, ids, images, wanted, fused: bool):
+    def _graph_key(self, ids, wires, wanted, fused: bool):
+        """wires: each image's (shape, dtype) on the device."""
         slots = self.__dict__.get("_weight_slots")
         if slots is None:
             slots = self._weight_slots = weight_slots([m for mod in (self.visual, self.lm) for m in mod.modules()])
@@ -317,7 +349,7 @@ class Qwen3VLRunner(VisionTower):
         if sig is None:
             return None
         return (id(self.visual), self.spec, self.dtype, self.device, self.sdpa, tuple(ids),
-                tuple((tuple(im.shape), im.dtype) for im in images), tuple(wanted), fused, sig)
+                tuple(wires), tuple(wanted), fused, sig)
 
     def _decoder(self, x, cos, sin, image_pos, ds_feats, wanted):
         s, lm = self.spec, self.lm

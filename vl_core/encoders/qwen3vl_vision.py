@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import preprocess
+from .fused_steps import image_windows
 from .qwen3vl_tables import signed_sin, vision_tables
 
 
@@ -43,20 +43,17 @@ class VisionTower:
         s, v = self.spec, self.visual
         bsz, h, w, _ = images.shape
         gh, gw = h // s.patch_size, w // s.patch_size
-        patches = torch.stack([preprocess.to_patches(im, s.patch_size, s.temporal_patch_size, s.merge_size,
-                                                     s.image_mean, s.image_std)[0] for im in images])
-        p = patches.shape[1]
+        p = gh * gw
+        patches = self._ops.patch_rows(image_windows(images, s.patch_size, s.merge_size), s.image_mean, s.image_std,
+                                       s.temporal_patch_size, self.dtype)          # [B·P, 3·T·ps²]
         idx, wts, cos, sin = self._vision_tables(gh, gw)
 
         pw, pb, tok = self.weights.get(v.patch_embed.proj)       # Conv3d with kernel == stride: one matmul
-        x = F.linear(patches.to(self.dtype), pw.reshape(pw.shape[0], -1), pb)
-        if tok is not None:
-            self.weights.release(v.patch_embed.proj, pw, pb, tok)
+        x = F.linear(patches, pw.reshape(pw.shape[0], -1), pb)
+        self._release(v.patch_embed.proj, pw, pb, tok)
         ew, _, tok = self.weights.get(v.pos_embed)
-        pos = (F.embedding(idx, ew).float() * wts[:, :, None]).sum(1).to(self.dtype)     # [P, hv]
-        if tok is not None:
-            self.weights.release(v.pos_embed, ew, None, tok)
-        x = x + pos
+        x = self._ops.add_position(x, ew, idx, wts).view(bsz, p, -1)
+        self._release(v.pos_embed, ew, None, tok)
 
         heads, hd = s.vision_heads, s.vision_head_dim
         cos4, sin4 = (t.repeat(bsz, 1)[:, None, None, :] for t in (cos, sin))   # [B·P, 1, 1, hd] over (qk, heads)
