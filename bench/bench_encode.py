@@ -307,6 +307,12 @@ def main(argv=None):
             native_fused, None, None, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
         "transformers fused, previous host path": lambda im: previous_host_path(
             tr_fused, native_clip, tq, lambda: tr_fused.encode([im], PROMPT, [layer], "after_image")),
+        "native fused, no prefetch": lambda im: without_prefetch(
+            native_fused, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
+        "transformers fused, no prefetch": lambda im: without_prefetch(
+            tr_fused, lambda: tr_fused.encode([im], PROMPT, [layer], "after_image")),
+        "native fused, eager vision input": lambda im: with_eager_steps(
+            ("patch_rows", "add_position"), lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
         "transformers hf": lambda im: tr_hf.encode([im], PROMPT, [layer], "after_image"),
         "baseline host": lambda im: host.encode([im], PROMPT, [layer], "after_image"),
         "baseline hf full": hf_full,
@@ -442,7 +448,7 @@ def main(argv=None):
 
         image = torch.rand(1024, 1024, 3, generator=g)
         results["timeline"] = {}
-        for name in ("native fused", "transformers fused", "native fused, float32 wire"):
+        for name in ("native fused", "transformers fused", "native fused, no prefetch", "native fused, eager vision input"):
             trace = str(Path(args.out).with_name(f"trace_{name.split(',')[0].replace(' ', '_')}.json")) \
                 if args.out and name == "native fused" else None
             results["timeline"][name] = encode_timeline(lambda: methods[name](image), 5, trace)
@@ -558,6 +564,10 @@ def process_costs(device, runner=None) -> dict:
     out = {"threads": torch.get_num_threads(), "scan_700": med(lambda: tuple(map(torch.Tensor.data_ptr, params))),
            "find_runs": med(lambda: extract.find_runs(ids, 7)), "upload_12MB": med(lambda: staging.upload(image, device)),
            "small_add": med(lambda: small.add(1))}
+    if device.type == "cuda":       # the staging copy alone (CPU, torch's threads): float32 → float16 pinned
+        wire = torch.empty(image.shape, dtype=torch.float16, pin_memory=True)
+        out["copy_12MB_to_fp16_pinned"] = med(lambda: wire.copy_(image))
+        out["copy_12MB_to_fp32_pinned"] = med(lambda: torch.empty(image.shape, pin_memory=True).copy_(image))
     if runner is not None and getattr(runner, "_weight_slots", None) is not None:
         slots = runner._weight_slots
         out["weights in the key"] = len(slots[0])
@@ -577,7 +587,8 @@ def runner_parts(runner) -> dict:
     import torch
 
     runner_mod = sys.modules[type(runner).__module__]
-    return {"runner.upload": (runner, "upload"), "staging event wait": (torch.cuda.Event, "synchronize"),
+    return {"staging prefetch (start)": (runner.staging, "prefetch"), "runner.upload": (runner, "upload"),
+            "staging event wait": (torch.cuda.Event, "synchronize"),
             "runner.forward": (runner, "forward"), "runner._graph_key": (runner, "_graph_key"),
             "weight address scan": (runner_mod, "addresses"), "CUDAGraph.replay (launch)": (torch.cuda.CUDAGraph, "replay"),
             "stream synchronize (GPU wait)": (torch.cuda.Stream, "synchronize"),
@@ -631,6 +642,30 @@ def previous_host_path(enc, native_clip, tq, fn):
         del runner.IMAGE_WIRE_DTYPE
         for m, f in zip(mods, saved):
             m.to_outputs = f
+
+
+def without_prefetch(enc, fn):
+    """fn() with the runner's staging copies made on the caller's thread at upload (no worker-thread prefetch)."""
+    runner = runner_of(enc)
+    runner._prefetch = lambda images: None      # an instance attribute over the method
+    try:
+        return fn()
+    finally:
+        del runner._prefetch
+
+
+def with_eager_steps(names, fn):
+    """fn() with these fused steps' eager twins in the compiled set (the others compiled)."""
+    fusion = import_pack("vl_core.encoders.fusion")
+    compiled = fusion._COMPILER.compiled()
+    saved = {n: getattr(compiled, n) for n in names}
+    for n in names:
+        setattr(compiled, n, fusion.STEPS[n])
+    try:
+        return fn()
+    finally:
+        for n, f in saved.items():
+            setattr(compiled, n, f)
 
 
 def runner_of(enc):

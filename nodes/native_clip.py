@@ -287,7 +287,7 @@ class NativeQwen3VLEncoder:
             self._runner = runner
         runner.dtype, runner.device = dtype, normalize_device(device)
         runner.weights = ComfyWeights(dtype, runner.device)
-        runner.pack_projections(token)
+        runner.residency = token           # forward packs the projections under it where needed
         self.last_path = "fast"
         return runner
 

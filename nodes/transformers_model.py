@@ -68,7 +68,7 @@ class TransformersVLModel:
         self.encoder.output_device = model_management.intermediate_device()
         runner = self.encoder.fast_runner()
         if runner is not None:
-            runner.pack_projections(token)
+            runner.residency = token       # forward packs the projections under it where needed
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         self._load()

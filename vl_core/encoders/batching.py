@@ -68,6 +68,7 @@ def text_rows_forward(runner, rows: Sequence[Sequence[int]], image_pad_id: int,
     wanted = sorted({int(layer) for layer in layers})
     longest = max(rows, key=len)
     ids = torch.tensor([[int(t) for t in r] + [int(r[-1])] * (len(longest) - len(r)) for r in rows])
+    runner.pack_projections(runner.residency)      # (as forward does where no graph replays)
     _, cos, sin, image_pos = runner._tables_for([int(t) for t in longest], image_pad_id, [])
     with torch.inference_mode(), sdpa_context(runner.sdpa, runner.device):
         embed = runner.lm.embed_tokens

@@ -103,6 +103,7 @@ class Qwen3VLRunner(VisionTower):
         self.staging = HostStaging()    # pinned buffers of image uploads
         self._tables: OrderedDict = OrderedDict()     # vision tables per (grid, device, dtype), on the device
         self._packed_at: tuple = ()     # packed weights' addresses after the last pack_projections
+        self.residency = None           # the owner's residency token of the weights (None: never pack them)
 
     @property
     def _gqa(self) -> bool:
@@ -142,9 +143,10 @@ class Qwen3VLRunner(VisionTower):
     def pack_projections(self, token) -> int:
         """Store each language-model layer's q/k/v and gate/up weights as one block per group (weights.pack_rows:
         same values and bytes) so the forward runs one GEMM for each (q/k/v: ≈ 6 µs less per layer at 1024² on an
-        H200, bench/kernel_shapes.py). Called after every load by the owner with its residency token (None: not
-        fully resident, nothing done); a no-op while those weights sit where the last call left them (~160
-        pointers compared: any load or patch moves some). Packing anything means the weights moved: the CUDA
+        H200, bench/kernel_shapes.py). Called by forward with the owner's residency token (`residency`, set after
+        every load; None: not fully resident, nothing done) wherever no CUDA graph replays (a graph's weights
+        are where its capture, after packing, read them); a no-op while those weights sit where the last call left
+        them (~160 pointers compared: any load or patch moves some). Packing anything means the weights moved: the CUDA
         graphs captured over the old addresses can never replay again and are released (their memory pools with
         them). (The scan cannot be skipped under an unchanged token: ComfyUI unpatching a LoRA'd clone restores
         the original token with a middle layer's weight replaced.) The number of groups packed."""
@@ -264,8 +266,10 @@ class Qwen3VLRunner(VisionTower):
             self.staging.drop_prefetched()
         if key is not None:
             out = self.graphs.replay(key, images)
-            if out is not None:
+            if out is not None:       # (its weights sit where the capture read them: packed then, packed now)
                 return out
+        if self.pack_projections(self.residency) and key is not None:
+            key = self._graph_key(ids, wires, wanted, ops.fused)      # packing moved the weights
         tables = self._tables_for(ids, image_pad_id, grids)
         out = None
         if key is not None and self.graphs.ran_before(key):     # second time this exact encode: capture it

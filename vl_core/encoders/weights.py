@@ -159,8 +159,8 @@ class HostStaging:
         return dtype if dtype is not None and torch.device(device).type == "cuda" else t.dtype
 
     def _staged(self, t: torch.Tensor, device) -> bool:
-        return (torch.device(device).type == "cuda" and t.device.type == "cpu" and not t.is_pinned()
-                and t.numel() * t.element_size() <= self.max_bytes)
+        return (torch.device(device).type == "cuda" and t.device.type == "cpu"
+                and t.numel() * t.element_size() <= self.max_bytes and not t.is_pinned())    # (a driver call: last)
 
     @staticmethod
     def _tag(t: torch.Tensor, dtype) -> tuple:
@@ -174,39 +174,42 @@ class HostStaging:
         event.record(stream)
         return buf, out, event
 
-    def _fill(self, hit, t: torch.Tensor, key: tuple) -> torch.Tensor:
-        """The pinned buffer `hit` (or a new one) holding t's values in key's dtype, once its last DMA is done."""
+    def _fill(self, hit, t: torch.Tensor, key: tuple, started: threading.Event | None = None) -> torch.Tensor:
+        """The pinned buffer `hit` (or a new one) holding t's values in key's dtype, once its last DMA is done;
+        `started` is set right before the copy (the worker's last Python step before it releases the GIL)."""
         if hit is None:
             buf = torch.empty(key[0], dtype=key[1], pin_memory=True)
         else:
             buf, event = hit
             if event is not None:
                 event.synchronize()
+        if started is not None:
+            started.set()
         buf.copy_(t)
         return buf
 
     def prefetch(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> None:
         """Start upload(t, device, dtype)'s copy and DMA on the staging thread, on the caller's current stream
         (nothing where upload would not stage)."""
-        if not self._staged(t, device):
-            return
-        device = torch.device(device)
         dtype = dtype or t.dtype
         tag = self._tag(t, dtype)
-        if tag in self._early:
+        if tag in self._early or not self._staged(t, device):
             return
+        device = torch.device(device)
         key, stream = (tuple(t.shape), dtype), torch.cuda.current_stream(device)
+        hit = self._buffers.pop(key, None)
+        if hit is not None and hit[1] is not None and hit[1].query():
+            hit = (hit[0], None)        # its last DMA is done: the worker goes straight to the copy
         started = threading.Event()
 
-        def fill_and_send(hit):
-            started.set()
-            buf = self._fill(hit, t, key)
-            with torch.cuda.stream(stream):
-                return self._send(buf, device, stream)
+        def fill_and_send():
+            torch.cuda.set_stream(stream)
+            buf = self._fill(hit, t, key, started)
+            return self._send(buf, device, stream)
 
         if not self._early:
             self._switch = switch_interval.lower(self.SWITCH_INTERVAL)
-        future = _staging_thread().submit(fill_and_send, self._buffers.pop(key, None))
+        future = _staging_thread().submit(fill_and_send)
         self._early[tag] = (t, stream, future)
         started.wait()          # hand the GIL over until the copy is under way (else it waits for our next release)
 
@@ -217,11 +220,11 @@ class HostStaging:
 
     def upload(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
         device = torch.device(device)
-        if not self._staged(t, device):
+        early = self._early.pop(self._tag(t, dtype or t.dtype), None) if self._early else None
+        if early is None and not self._staged(t, device):
             return t.to(device, self.wire_dtype(t, device, dtype), non_blocking=True)
         dtype = dtype or t.dtype
         key, stream = (tuple(t.shape), dtype), torch.cuda.current_stream(device)
-        early = self._early.pop(self._tag(t, dtype), None)
         if early is None:
             buf, out, event = self._send(self._fill(self._buffers.pop(key, None), t, key), device, stream)
         else:
