@@ -197,6 +197,7 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the transformers paths")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown,hostparts,timeline,hostprofile")
     ap.add_argument("--fusion", default="auto", help="fusion mode of the fused rows (fusion.MODES)")
+    ap.add_argument("--methods", default="", help="semicolon list: measure only these latency rows (default all)")
     ap.add_argument("--cold-runs", action="store_true", help="fresh-process first-encode figures (subprocesses)")
     ap.add_argument("--cold-probe", default=None, help=argparse.SUPPRESS)   # one fresh process of --cold-runs
     ap.add_argument("--cold-cases", default=None, help="with --cold-runs: comma list of COLD_CASES indices")
@@ -322,7 +323,10 @@ def main(argv=None):
             image = torch.rand(size, size, 3, generator=g)
             row = {}
             outs = {}
+            chosen = [m.strip() for m in args.methods.split(";") if m.strip()]
             for name, fn in methods.items():
+                if chosen and name not in chosen + ["native fast"]:      # (native fast: the token count)
+                    continue
                 reps = args.host_reps if name == "baseline host" else args.reps
                 try:
                     row[name] = measure(lambda: fn(image), device, reps)
@@ -589,7 +593,8 @@ def runner_parts(runner) -> dict:
     runner_mod = sys.modules[type(runner).__module__]
     return {"staging prefetch (start)": (runner.staging, "prefetch"), "runner.upload": (runner, "upload"),
             "staging event wait": (torch.cuda.Event, "synchronize"),
-            "runner.forward": (runner, "forward"), "runner._graph_key": (runner, "_graph_key"),
+            "runner.forward": (runner, "forward"), "runner._vision_key": (runner, "_vision_key"),
+            "runner._lm_key (vision graph running)": (runner, "_lm_key"),
             "weight address scan": (runner_mod, "addresses"), "CUDAGraph.replay (launch)": (torch.cuda.CUDAGraph, "replay"),
             "stream synchronize (GPU wait)": (torch.cuda.Stream, "synchronize"),
             "find_runs": (import_pack("vl_core.extract"), "find_runs"), "fusion.ops": (runner.fusion, "ops")}
@@ -767,8 +772,9 @@ def cold_probe(args, native_clip, clip, fusion, device) -> int:
     cache = native.graphs
     res["graphs"] = {"captured": len(cache), "broken": cache.broken}     # did the replays really replay a graph
     parts = native_host_parts(native, native_clip, image, layer, 10)      # GPU replay vs host time of this process
-    res["gpu_replay_ms"] = parts.get("gpu replay", {}).get("median_ms")
-    res["host_parts_ms"] = {k: v["median_ms"] for k, v in parts.items() if k != "gpu replay"}
+    replays = {k: v["median_ms"] for k, v in parts.items() if k.startswith("gpu replay")}
+    res["gpu_replay_ms"] = round(sum(replays.values()), 3) if replays else None
+    res["host_parts_ms"] = {k: v["median_ms"] for k, v in parts.items() if k not in replays}
     res["host_copy"] = host_copy_probe(image)
     if os.environ.get("ZIMAGE_VL_BENCH_IDLE_S"):      # does a slow copy recover once the process idles?
         time.sleep(float(os.environ["ZIMAGE_VL_BENCH_IDLE_S"]))

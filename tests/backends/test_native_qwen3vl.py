@@ -408,9 +408,9 @@ def test_nodes_share_one_encoder_per_clip_held_weakly(hf_tiny_path):
 
 
 def test_graph_key_follows_the_tensors_the_modules_hold_now(hf_tiny_path):
-    """ComfyUI's weight patching puts new Parameter objects into the modules (set_attr_param): the CUDA-graph key
-    changes with them (a stale key would replay a graph over the replaced weights), and the runner holds no
-    reference to the replaced Parameter."""
+    """ComfyUI's weight patching puts new Parameter objects into the modules (set_attr_param): the CUDA-graph key of
+    the part holding them (vision tower or language model) changes with them, the other part's stays (a stale key
+    would replay a graph over the replaced weights), and the runner holds no reference to the replaced Parameter."""
     import gc
     import weakref
 
@@ -419,22 +419,29 @@ def test_graph_key_follows_the_tensors_the_modules_hold_now(hf_tiny_path):
     clip = tiny_models.make_native_tiny_qwen3vl_clip(hf_tiny_path, hidden_size=256)
     enc = native_clip_mod.NativeQwen3VLEncoder(clip)
     enc.encode([picture(64, 64, 45)], PROMPT, [2], "after_image")
-    runner, images = enc._runner, [((1, 64, 64, 3), torch.float32)]       # each image's (shape, dtype) on the device
-    key = runner._graph_key([1, 2, 3], images, [2], False)
-    assert key is not None and runner._graph_key([1, 2, 3], images, [2], False) == key
+    runner, wires = enc._runner, [((1, 64, 64, 3), torch.float32)]       # each image's (shape, dtype) on the device
+
+    def keys():
+        return runner._vision_key(wires, False), runner._lm_key([1, 2, 3], wires, [2], False)
+
+    before = keys()
+    assert None not in before and keys() == before
     vision = next(n for n, p in enc._transformer.named_parameters() if n.startswith("visual.blocks.0.") and p.dim() == 2)
-    for name in ("model.layers.1.mlp.up_proj.weight", vision):
+    for name, part in (("model.layers.1.mlp.up_proj.weight", 1), (vision, 0)):
         old = comfy.utils.get_attr(enc._transformer, name)
         replaced = weakref.ref(old)
         comfy.utils.set_attr_param(enc._transformer, name, old.detach().clone())
         del old
         gc.collect()
         assert replaced() is None
-        new_key = runner._graph_key([1, 2, 3], images, [2], False)
-        assert new_key is not None and new_key != key and new_key[:-1] == key[:-1]
-        key = new_key
-    half = runner._graph_key([1, 2, 3], [((1, 64, 64, 3), torch.float16)], [2], False)   # input buffers keep a dtype
-    assert half is not None and half != key
+        after = keys()
+        assert after[part] != before[part] and after[part][:-1] == before[part][:-1]     # only the addresses moved
+        assert after[1 - part] == before[1 - part]
+        before = after
+    half = [((1, 64, 64, 3), torch.float16)]                     # a graph's input buffers keep a dtype
+    assert runner._vision_key(half, False) != before[0] and runner._lm_key([1, 2, 3], half, [2], False) != before[1]
+    other = [((1, 96, 64, 3), torch.float32)]                    # same ids, other image size: other MRoPE positions
+    assert runner._lm_key([1, 2, 3], other, [2], False) != before[1]
 
 
 def test_only_single_sequences_get_a_graph_key(native, monkeypatch):
@@ -443,7 +450,7 @@ def test_only_single_sequences_get_a_graph_key(native, monkeypatch):
     runner_cls = tiny_models.import_pack("vl_core.encoders.qwen3vl_runner").Qwen3VLRunner
     asked = []
     monkeypatch.setattr(runner_cls, "_graphs_possible", lambda self: True)
-    monkeypatch.setattr(runner_cls, "_graph_key", lambda self, ids, wires, wanted, fused: asked.append(
+    monkeypatch.setattr(runner_cls, "_vision_key", lambda self, wires, fused: asked.append(
         int(wires[0][0][0]) if wires else 1))
     images = [picture(64, 64, 46), picture(64, 64, 47)]
     many = native.encode_many(images, PROMPT, [2], "after_image")

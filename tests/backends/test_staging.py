@@ -121,20 +121,26 @@ def test_switch_interval_requests_restore_the_process_interval_in_any_order():
 @cuda
 @pytest.mark.parametrize("fusion_mode", ["off", "sync"])
 def test_cuda_encodes_replay_with_each_new_image(hf_tiny_path, fusion_mode):
-    """On a GPU: the first encode runs eagerly, the second is captured as a CUDA graph, later ones replay it; the
-    prefetched staging uploads feed each its own pixels (a stale buffer or a missed DMA would repeat an earlier
-    image's states), with the fused steps compiled (sync) or not, within fp32 rounding of the CPU encode."""
+    """On a GPU: a first encode runs eagerly, the second identical one is captured (vision tower and language model
+    as two graphs), later ones replay them; a new prompt over the same image size replays the vision graph and runs
+    (then captures) the language model; text-only prompts capture the language model alone. The prefetched staging
+    uploads feed each encode its own pixels (a stale buffer or a missed DMA would repeat an earlier image's states),
+    with the fused steps compiled (sync) or not, within fp32 rounding of the CPU encode."""
     tq = tiny_models.import_pack("vl_core.encoders.transformers_qwen3vl")
     fusion = tiny_models.import_pack("vl_core.encoders.fusion")
     gpu = tq.TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cuda")
     cpu = tq.TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cpu")
     gpu.fast_runner().fusion = fusion.Fusion(fusion_mode)
     layers = [2, gpu.num_layers]
-    for seed in range(5):
-        image = picture(64, 96, 3, seed=10 + seed)
-        got = gpu.encode([image], "a cat", layers, "after_image").hidden
-        want = cpu.encode([image.half().float()], "a cat", layers, "after_image").hidden   # the float16 wire
+    plan = [("a cat", True)] * 4 + [("a dog on a sofa", True)] * 3 + [("only text", False)] * 3
+    for step, (prompt, with_image) in enumerate(plan):
+        images = [picture(64, 96, 3, seed=10 + step)] if with_image else []
+        got = gpu.encode(images, prompt, layers, "after_image").hidden
+        want = cpu.encode([im.half().float() for im in images], prompt, layers, "after_image").hidden   # fp16 wire
         for layer in layers:
             err = float((got[layer] - want[layer]).norm() / want[layer].norm())
-            assert err <= 1e-4, (seed, layer, err)
-    assert len(gpu.graphs) == 1 and gpu.fast_runner().staging._early == {}
+            assert err <= 1e-4, (step, prompt, layer, err)
+        if step == 3:
+            assert len(gpu.graphs) == 2         # vision + language model of the first prompt
+    assert len(gpu.graphs) == 4 and not gpu.graphs.broken    # + the second prompt's LM + the text-only LM
+    assert gpu.fast_runner().staging._early == {}

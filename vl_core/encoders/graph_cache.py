@@ -1,8 +1,8 @@
 """CUDA graphs of repeated identical encodes, owned by one cache object (no module state).
 
 An encode is ~1100 small kernel launches: on a GPU the forward is bound by the host launching them.
-The second time an identical encode (same key: ids, image sizes, layers, weights at the same addresses)
-runs, it is captured as a CUDA graph; later ones copy the new pixels into the graph's input buffers and
+The second time an identical forward (same key: e.g. ids, image sizes, layers, weights at the same addresses)
+runs, it is captured as a CUDA graph; later ones copy the new inputs into the graph's input buffers and
 replay it. `release()` drops every graph and the memory pools they hold (call it when the model is
 offloaded). A failed capture switches the cache off until release(): eager meanwhile.
 """
@@ -20,7 +20,7 @@ log = logging.getLogger("comfyui-zimage-vl")
 class GraphCache:
     """Up to `capacity` captured graphs (least recently used evicted) and which keys ran eagerly once."""
 
-    def __init__(self, capacity: int = 2, seen_capacity: int = 64):
+    def __init__(self, capacity: int = 4, seen_capacity: int = 64):     # (the runner: two parts per encode)
         self.capacity = capacity
         self.seen_capacity = seen_capacity
         self.broken = False                       # a capture failed: none until release()
@@ -34,8 +34,10 @@ class GraphCache:
         """Graphs can run here: a CUDA device, no failed capture, not inside someone else's capture."""
         return not self.broken and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
-    def replay(self, key: Hashable, images: Sequence[torch.Tensor]) -> dict | None:
-        """The outputs (owned copies) of the graph captured under `key` run on `images`; None if there is none."""
+    def replay(self, key: Hashable, images: Sequence[torch.Tensor], clone: bool = True) -> dict | None:
+        """The outputs of the graph captured under `key` run on `images` (its inputs); None if there is none.
+        clone: owned copies; False: the graph's own output buffers, valid until its next replay (for a consumer
+        that copies them in stream order first, e.g. the next graph's inputs)."""
         g = self._graphs.get(key)
         if g is None:
             return None
@@ -43,7 +45,7 @@ class GraphCache:
         for buf, im in zip(g["images"], images):
             buf.copy_(im, non_blocking=True)
         g["graph"].replay()
-        return {layer: t.clone() for layer, t in g["outputs"].items()}
+        return {layer: t.clone() for layer, t in g["outputs"].items()} if clone else dict(g["outputs"])
 
     def ran_before(self, key: Hashable) -> bool:
         """True if `key` already ran eagerly (capture it now); otherwise counts this eager run."""
@@ -55,13 +57,13 @@ class GraphCache:
         return False
 
     def capture(self, key: Hashable, device: torch.device, forward: Callable[[list[torch.Tensor]], dict],
-                images: Sequence[torch.Tensor], keep: tuple = (),
-                cancelled: Callable[[], bool] = lambda: False) -> dict | None:
+                images: Sequence[torch.Tensor], keep=(), cancelled: Callable[[], bool] = lambda: False,
+                clone: bool = True) -> dict | None:
         """Capture forward(static images) under `key` and return its outputs, or None (then run eagerly).
 
         A warm-up run on a side stream first (allocator, cuBLAS, cuDNN plans); `cancelled()` after it can
         refuse the capture (e.g. a weight needed a per-call cast). `keep`: tensors the graph reads that
-        must outlive it (its tables).
+        must outlive it (its tables); clone: as in replay.
         """
         try:
             static = [im.to(device).clone() for im in images]
@@ -83,7 +85,7 @@ class GraphCache:
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
         graph.replay()
-        return {layer: t.clone() for layer, t in outputs.items()}
+        return {layer: t.clone() for layer, t in outputs.items()} if clone else dict(outputs)
 
     def release(self) -> None:
         """Drop every captured graph (and the memory pools they hold) and the eager-run counts; a failed capture

@@ -25,7 +25,8 @@ Weights are read through a weight source (weights.py: `get(module) -> (weight, b
 `release(...)`); the default `DirectWeights` uses the module's tensors (cast to the compute dtype / device
 only if they differ). The ComfyUI backend passes one that goes through ComfyUI's own weight casting for
 modules it manages (lowvram / dynamic VRAM / LoRA weight functions). Tables: qwen3vl_tables.py; CUDA
-graphs of repeated encodes: a GraphCache (graph_cache.py) the runner's owner creates and releases. The
+graphs of repeated encodes (vision tower and language model apart, qwen3vl_graphs.py): a GraphCache
+(graph_cache.py) the runner's owner creates and releases. The
 elementwise steps between the matmuls (residual add + norm, q/k norm + RoPE, SiLU·mul) come from fusion.py:
 their eager twins unless the process has compiled them (torch.compile: opt-in, ZIMAGE_VL_COMPILE=auto; off on the CPU).
 Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging), their copies into them
@@ -44,6 +45,7 @@ from ..checks import require_choice
 from .fused_steps import step_examples
 from .fusion import EAGER, Fusion
 from .graph_cache import GraphCache
+from .qwen3vl_graphs import GraphedForward
 from .qwen3vl_spec import Qwen3VLSpec, check_modules
 from .qwen3vl_tables import mrope_positions, signed_sin, text_rope
 from .qwen3vl_vision import VisionTower
@@ -73,7 +75,7 @@ def sdpa_context(mode: str, device: torch.device):
         return sdpa_kernel(order)
 
 
-class Qwen3VLRunner(VisionTower):
+class Qwen3VLRunner(VisionTower, GraphedForward):
     """Runs a Qwen3-VL's `visual` and language model (`embed_tokens`, `layers`, `norm`) module objects.
 
     dtype: the compute dtype (normally the weights' dtype); device: where it runs. `check()` validates
@@ -256,40 +258,39 @@ class Qwen3VLRunner(VisionTower):
         ids = list(map(int, input_ids))
         fkey = self._fusion_key()
         ops = self.fusion.ops(fkey, self.device)
-        # the staging copies run (worker thread) while the host builds the graph key (a scan of every weight's address)
+        graphed = self._graphs_possible() and bsz == 1
+        # the staging copies run (worker thread) while the host builds the vision graph's key
         self._prefetch(images)
         try:
             wires = [(tuple(im.shape), self.staging.wire_dtype(im, self.device, self._wire(im))) for im in images]
-            key = self._graph_key(ids, wires, wanted, ops.fused) if self._graphs_possible() and bsz == 1 else None
+            vkey = self._vision_key(wires, ops.fused) if graphed and images else None
             images = [self.upload(im) for im in images]
         finally:
             self.staging.drop_prefetched()
-        if key is not None:
-            out = self.graphs.replay(key, images)
-            if out is not None:       # (its weights sit where the capture read them: packed then, packed now)
+        feats = lkey = None
+        if graphed:
+            out, feats, lkey = self._replay_parts(vkey, ids, wires, images, wanted, ops.fused)
+            if out is not None:
                 return out
-        if self.pack_projections(self.residency) and key is not None:
-            key = self._graph_key(ids, wires, wanted, ops.fused)      # packing moved the weights
+        if self.pack_projections(self.residency) and graphed:     # packing moved weights and dropped the graphs
+            feats, lkey = None, self._lm_key(ids, wires, wanted, ops.fused)
         tables = self._tables_for(ids, image_pad_id, grids)
-        out = None
-        if key is not None and self.graphs.ran_before(key):     # second time this exact encode: capture it
-            keep = (tables, [self._vision_tables(int(im.shape[1]) // s.patch_size, int(im.shape[2]) // s.patch_size)
-                             for im in images])
-            out = self.graphs.capture(key, self.device, lambda static: self._forward_on(tables, static, wanted, ops),
-                                      images, keep=keep, cancelled=lambda: getattr(self.weights, "used_cast", False))
+        out = self._capture_parts(vkey, lkey, feats, tables, images, wanted, ops) if graphed else None
         if out is None:     # batches never capture: they take the compiled steps eagerly (guard costs are noise there)
-            out = self._forward_on(tables, images, wanted, ops if self.fusion.uncaptured or bsz > 1 else EAGER)
+            out = self._on(ops if self.fusion.uncaptured or bsz > 1 else EAGER, self._device_forward, tables, images,
+                           wanted)
         if not ops.fused:     # compile the fused steps for these widths (background; never inside this encode)
             p = (int(images[0].shape[1]) * int(images[0].shape[2]) // s.patch_size ** 2) if images else 0
             rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
             self.fusion.after_encode(fkey, self.device, lambda: step_examples(self, *rows))
         return out
 
-    def _forward_on(self, tables, images: list[torch.Tensor], wanted: list[int], ops=EAGER) -> dict[int, torch.Tensor]:
+    def _on(self, ops, fn, *args):
+        """fn(*args) with the steps `ops`, under inference mode and the SDPA setting."""
         self._ops = ops
         try:
             with torch.inference_mode(), sdpa_context(self.sdpa, self.device):
-                return self._device_forward(tables, images, wanted)
+                return fn(*args)
         finally:
             self._ops = EAGER
 
@@ -315,45 +316,33 @@ class Qwen3VLRunner(VisionTower):
         return up(ids_cpu), up(cos, self.dtype), up(sin, self.dtype), up(image_pos)
 
     def _device_forward(self, tables, images: list[torch.Tensor], wanted: list[int]) -> dict[int, torch.Tensor]:
-        ids_dev, cos, sin, image_pos = tables
-        s = self.spec
-        bsz = int(images[0].shape[0]) if images else 1
+        return self._lm_from(tables, list(self._vision_features(images).values()), wanted)
+
+    def _vision_features(self, images: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{0: the merged image features [B, ΣP_k/m², D] of all images, 1…: their DeepStack features} ({}: none)."""
+        if not images:
+            return {}
         merged, deep = [], []
         for im in images:
             m, d = self.vision(im)
             merged.append(m)
             deep.append(d)
+        ds = [torch.cat([d[j] for d in deep], dim=1) for j in range(len(self.spec.deepstack_indexes))]
+        return dict(enumerate([torch.cat(merged, dim=1)] + ds))
+
+    def _lm_from(self, tables, feats: list[torch.Tensor], wanted: list[int]) -> dict[int, torch.Tensor]:
+        """The language model over the token embeddings with the image features (_vision_features' values) merged."""
+        ids_dev, cos, sin, image_pos = tables
+        bsz = int(feats[0].shape[0]) if feats else 1
         ew, _, tok = self.weights.get(self.lm.embed_tokens)
         emb = F.embedding(ids_dev, ew)
         if tok is not None:
             self.weights.release(self.lm.embed_tokens, ew, None, tok)
         x = emb.unsqueeze(0).expand(bsz, -1, -1)
-        ds_feats = []
-        if images:
+        if feats:
             x = x.clone()
-            x[:, image_pos] = torch.cat(merged, dim=1).to(x.dtype)
-            ds_feats = [torch.cat([d[j] for d in deep], dim=1) for j in range(len(s.deepstack_indexes))]
-        return self._decoder(x, cos, sin, image_pos, ds_feats, wanted)
-
-    # ------------------------------------------------------------------ CUDA graphs (graph_cache.py)
-    # Only with plain resident weights (no per-call casting), never on the CPU, and only for single sequences:
-    # a batched forward is GPU-bound (launches are a small part of it) and its graph would hold GiBs of
-    # activations in a private pool for as long as the encoder lives, out of ComfyUI's sight.
-
-    def _graphs_possible(self) -> bool:
-        return (self.graphs is not None and self.graphs.usable(self.device)
-                and getattr(self.weights, "graph_safe", False) and not Fusion.busy())
-
-    def _graph_key(self, ids, wires, wanted, fused: bool):
-        """wires: each image's (shape, dtype) on the device."""
-        slots = self.__dict__.get("_weight_slots")
-        if slots is None:
-            slots = self._weight_slots = weight_slots([m for mod in (self.visual, self.lm) for m in mod.modules()])
-        sig = addresses(slots)          # every weight's address now: moves and swapped Parameter objects show
-        if sig is None:
-            return None
-        return (id(self.visual), self.spec, self.dtype, self.device, self.sdpa, tuple(ids),
-                tuple(wires), tuple(wanted), fused, sig)
+            x[:, image_pos] = feats[0].to(x.dtype)
+        return self._decoder(x, cos, sin, image_pos, feats[1:], wanted)
 
     def _decoder(self, x, cos, sin, image_pos, ds_feats, wanted):
         s, lm = self.spec, self.lm
