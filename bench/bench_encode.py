@@ -308,10 +308,6 @@ def main(argv=None):
             native_fused, None, None, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
         "transformers fused, previous host path": lambda im: previous_host_path(
             tr_fused, native_clip, tq, lambda: tr_fused.encode([im], PROMPT, [layer], "after_image")),
-        "native fused, no prefetch": lambda im: without_prefetch(
-            native_fused, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
-        "transformers fused, no prefetch": lambda im: without_prefetch(
-            tr_fused, lambda: tr_fused.encode([im], PROMPT, [layer], "after_image")),
         "native fused, eager vision input": lambda im: with_eager_steps(
             ("patch_rows", "add_position"), lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
         "transformers hf": lambda im: tr_hf.encode([im], PROMPT, [layer], "after_image"),
@@ -452,7 +448,7 @@ def main(argv=None):
 
         image = torch.rand(1024, 1024, 3, generator=g)
         results["timeline"] = {}
-        for name in ("native fused", "transformers fused", "native fused, no prefetch", "native fused, eager vision input"):
+        for name in ("native fused", "transformers fused", "native fused, eager vision input"):
             trace = str(Path(args.out).with_name(f"trace_{name.split(',')[0].replace(' ', '_')}.json")) \
                 if args.out and name == "native fused" else None
             results["timeline"][name] = encode_timeline(lambda: methods[name](image), 5, trace)
@@ -591,8 +587,7 @@ def runner_parts(runner) -> dict:
     import torch
 
     runner_mod = sys.modules[type(runner).__module__]
-    return {"staging prefetch (start)": (runner.staging, "prefetch"), "runner.upload": (runner, "upload"),
-            "staging event wait": (torch.cuda.Event, "synchronize"),
+    return {"runner.upload": (runner, "upload"), "staging event wait": (torch.cuda.Event, "synchronize"),
             "runner.forward": (runner, "forward"), "runner._vision_key": (runner, "_vision_key"),
             "runner._lm_key (vision graph running)": (runner, "_lm_key"),
             "weight address scan": (runner_mod, "addresses"), "CUDAGraph.replay (launch)": (torch.cuda.CUDAGraph, "replay"),
@@ -647,16 +642,6 @@ def previous_host_path(enc, native_clip, tq, fn):
         del runner.IMAGE_WIRE_DTYPE
         for m, f in zip(mods, saved):
             m.to_outputs = f
-
-
-def without_prefetch(enc, fn):
-    """fn() with the runner's staging copies made on the caller's thread at upload (no worker-thread prefetch)."""
-    runner = runner_of(enc)
-    runner._prefetch = lambda images: None      # an instance attribute over the method
-    try:
-        return fn()
-    finally:
-        del runner._prefetch
 
 
 def with_eager_steps(names, fn):

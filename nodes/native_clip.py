@@ -23,7 +23,6 @@ its features; ComfyUI records the input of layer i, after the addition. Text tok
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import weakref
@@ -183,15 +182,11 @@ class NativeQwen3VLEncoder:
         layers = extract.check_resolved_layers(layers, self.num_layers)
         before, text, after, full = self._chat(prompt, len(images), placement)
         counts, sizes = self._sizes(images)
-        # the staging copies of the images forward gets as they are run while the layout and loading checks do
-        early = contextlib.nullcontext() if self._runner is None else self._runner.prefetching(
-            [im[None] for im, size in zip(images, sizes) if tuple(im.shape[:2]) == tuple(size)])
-        with early:
-            input_ids, prompt_span = self._layout(before, text, after, full, images, counts)
-            runner = self._fast_runner(len(images), int(input_ids.numel()), sizes)
-            if runner is None:
-                return self._encode_host(images, prompt, layers, placement, before, text, after, full, counts, sizes)
-            hidden = self._run_fast(runner, input_ids, [[im] for im in images], sizes, layers)
+        input_ids, prompt_span = self._layout(before, text, after, full, images, counts)
+        runner = self._fast_runner(len(images), int(input_ids.numel()), sizes)
+        if runner is None:
+            return self._encode_host(images, prompt, layers, placement, before, text, after, full, counts, sizes)
+        hidden = self._run_fast(runner, input_ids, [[im] for im in images], sizes, layers)
         spans = extract.find_runs(input_ids, self.image_pad_id)     # host work while the GPU still runs
         hidden = to_outputs(hidden, model_management.intermediate_device())
         return self._embeds(hidden, input_ids, prompt_span, layers, prompt, placement, sizes, spans)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Hashable
 
 import torch
 
 from ..checks import require_choice
-from . import switch_interval
 from .fused_steps import COMPILED_FORMS, DYNAMIC_DIMS, EAGER_ONLY, FUSED_ONLY, STEPS
 
 log = logging.getLogger("comfyui-zimage-vl")
@@ -133,9 +133,9 @@ class _Compiler:
         import time
 
         t0 = time.perf_counter()
-        switch = -1
+        interval = sys.getswitchinterval()
         if threading.current_thread() is not threading.main_thread():   # hand the GIL back to the caller's thread
-            switch = switch_interval.lower(self.SWITCH_INTERVAL)         # quickly while compiling (default 5 ms)
+            sys.setswitchinterval(min(interval, self.SWITCH_INTERVAL))   # quickly while compiling (default 5 ms)
         try:
             cache_dir = _use_cache_dir()
             steps = self.compiled()
@@ -160,7 +160,7 @@ class _Compiler:
             self.failed = f"{type(e).__name__}: {e}"
             log.warning("Qwen3-VL runner: torch.compile of the fused steps failed (%s); running eagerly", self.failed)
         finally:
-            switch_interval.restore(switch)
+            sys.setswitchinterval(interval)
             with self.lock:
                 self.pending = None
 

@@ -29,8 +29,7 @@ graphs of repeated encodes (vision tower and language model apart, qwen3vl_graph
 (graph_cache.py) the runner's owner creates and releases. The
 elementwise steps between the matmuls (residual add + norm, q/k norm + RoPE, SiLU·mul) come from fusion.py:
 their eager twins unless the process has compiled them (torch.compile: opt-in, ZIMAGE_VL_COMPILE=auto; off on the CPU).
-Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging), their copies into them
-started on a worker thread (prefetch) before the host work of the encode.
+Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging).
 """
 from __future__ import annotations
 
@@ -204,33 +203,14 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
         self._release(m, w, b, tok)
         return x, y
 
-    def _wire(self, t: torch.Tensor) -> torch.dtype | None:
-        return self.IMAGE_WIRE_DTYPE if t.is_floating_point() else None
-
     def image_dtype(self) -> torch.dtype:
         """The dtype a float32 image has inside the forward (on the wire to a GPU, float32 on the CPU)."""
-        return self.staging.wire_dtype(torch.empty(0), self.device, self.IMAGE_WIRE_DTYPE)
+        return self.IMAGE_WIRE_DTYPE if self.device.type == "cuda" and self.IMAGE_WIRE_DTYPE else torch.float32
 
     def upload(self, t: torch.Tensor) -> torch.Tensor:
         """An image t on the runner's device (CPU tensors through pinned staging buffers, asynchronously; floating
         images as IMAGE_WIRE_DTYPE on a GPU)."""
-        return self.staging.upload(t, self.device, self._wire(t))
-
-    def _prefetch(self, images: Sequence[torch.Tensor]) -> None:
-        for t in images:
-            self.staging.prefetch(t, self.device, self._wire(t))
-
-    @contextlib.contextmanager
-    def prefetching(self, images: Sequence[torch.Tensor]):
-        """Start the staging copies of these images (exactly the tensors forward will get) on the staging thread, so
-        that the caller's host work in the block (tokens, loading checks) runs while they copy; copies the block's
-        forward did not take are dropped at its end."""
-        self.staging.drop_prefetched()
-        self._prefetch(images)
-        try:
-            yield
-        finally:
-            self.staging.drop_prefetched()
+        return self.staging.upload(t, self.device, self.IMAGE_WIRE_DTYPE if t.is_floating_point() else None)
 
     # ------------------------------------------------------------------ language model
 
@@ -259,14 +239,10 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
         fkey = self._fusion_key()
         ops = self.fusion.ops(fkey, self.device)
         graphed = self._graphs_possible() and bsz == 1
-        # the staging copies run (worker thread) while the host builds the vision graph's key
-        self._prefetch(images)
-        try:
-            wires = [(tuple(im.shape), self.staging.wire_dtype(im, self.device, self._wire(im))) for im in images]
-            vkey = self._vision_key(wires, ops.fused) if graphed and images else None
-            images = [self.upload(im) for im in images]
-        finally:
-            self.staging.drop_prefetched()
+        # the upload first: its DMA runs while the host builds the vision graph's key (its weights' addresses)
+        images = [self.upload(im) for im in images]
+        wires = [(tuple(im.shape), im.dtype) for im in images]
+        vkey = self._vision_key(wires, ops.fused) if graphed and images else None
         feats = lkey = None
         if graphed:
             out, feats, lkey = self._replay_parts(vkey, ids, wires, images, wanted, ops.fused)

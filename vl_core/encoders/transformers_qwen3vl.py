@@ -295,11 +295,9 @@ class TransformersQwen3VL:
         runner = self.fast_runner()
         if runner is not None:
             self._check_images(images)
-            slots = [im[None] for im in images]
-            with runner.prefetching(slots):     # their staging copies run while the prompt is tokenized
-                layers = extract.check_resolved_layers(layers, self.num_layers)
-                input_ids, prompt_span = self.tokenize(prompt, len(images), placement, self._image_tokens(images))
-                hidden = runner.forward(input_ids.tolist(), self.image_pad_id, slots, layers)
+            layers = extract.check_resolved_layers(layers, self.num_layers)
+            input_ids, prompt_span = self.tokenize(prompt, len(images), placement, self._image_tokens(images))
+            hidden = runner.forward(input_ids.tolist(), self.image_pad_id, [im[None] for im in images], layers)
             return self._finish(hidden, input_ids, prompt_span, prompt, placement, images)
         return self._encode_hf(images, prompt, layers, placement)
 

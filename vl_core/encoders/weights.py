@@ -1,12 +1,7 @@
 """Where the runner's weights and results live: the weight source protocol's default, device names, owned outputs."""
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
-
-from . import switch_interval
 
 PINNED_OUTPUT_MAX_BYTES = 64 * 2 ** 20
 
@@ -136,115 +131,34 @@ class HostStaging:
     asynchronous DMA (a pageable `.to(device)` is a slower, synchronous driver-staged copy). A buffer is
     rewritten only after its previous DMA finished (an event per buffer). Tensors over `max_bytes`, already
     pinned or on the GPU go straight through `.to(device, dtype, non_blocking=True)`; CPU targets are left as they
-    are. `dtype`: the dtype on the wire (the copy into the pinned buffer converts), e.g. float16 for images: half
-    the DMA's bytes.
-
-    prefetch(t) runs that CPU copy and issues the DMA on a worker thread (torch's copy releases the GIL, so the
-    caller's Python work runs meanwhile; the GIL switch interval is short while a prefetch is out, so the worker
-    gets the GIL back to issue the DMA within ≈ 0.1 ms instead of the default 5); the next upload(t) returns its
-    result. Prefetches not uploaded are dropped by `drop_prefetched()` (their buffers with them): an entry never
-    outlives the call that made it."""
-
-    SWITCH_INTERVAL = 0.0001     # s: the interpreter's GIL switch interval while a prefetch is out
+    are. `dtype`: the dtype on the wire to a GPU (the copy into the pinned buffer converts), e.g. float16 for
+    images: half the DMA's bytes, and one dtype for the forward whatever the image's own."""
 
     def __init__(self, capacity: int = 4, max_bytes: int = PINNED_OUTPUT_MAX_BYTES):
         self.capacity = capacity
         self.max_bytes = max_bytes
         self._buffers: dict = {}      # (shape, dtype) -> (pinned buffer, event of its last DMA)
-        self._early: dict = {}        # _tag(t, dtype) -> (t, stream, future of (buffer, device tensor, event))
-        self._switch = -1             # switch_interval token while prefetches are out
 
-    def wire_dtype(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.dtype:
-        """The dtype upload(t, device, dtype) returns."""
-        return dtype if dtype is not None and torch.device(device).type == "cuda" else t.dtype
-
-    def _staged(self, t: torch.Tensor, device) -> bool:
-        return (torch.device(device).type == "cuda" and t.device.type == "cpu"
-                and t.numel() * t.element_size() <= self.max_bytes and not t.is_pinned())    # (a driver call: last)
-
-    @staticmethod
-    def _tag(t: torch.Tensor, dtype) -> tuple:
-        return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, dtype
-
-    @staticmethod
-    def _send(buf: torch.Tensor, device, stream) -> tuple:
-        """(buf, its DMA to device on stream, an event after it)."""
-        out = buf.to(device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(stream)
-        return buf, out, event
-
-    def _fill(self, hit, t: torch.Tensor, key: tuple, started: threading.Event | None = None) -> torch.Tensor:
-        """The pinned buffer `hit` (or a new one) holding t's values in key's dtype, once its last DMA is done;
-        `started` is set right before the copy (the worker's last Python step before it releases the GIL)."""
+    def upload(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return t.to(device, non_blocking=True)
+        dtype = dtype or t.dtype
+        if t.device.type != "cpu" or t.numel() * t.element_size() > self.max_bytes or t.is_pinned():
+            return t.to(device, dtype, non_blocking=True)           # (is_pinned asks the driver: last)
+        key = (tuple(t.shape), dtype)
+        hit = self._buffers.pop(key, None)
         if hit is None:
-            buf = torch.empty(key[0], dtype=key[1], pin_memory=True)
+            buf, event = torch.empty(t.shape, dtype=dtype, pin_memory=True), None
         else:
             buf, event = hit
             if event is not None:
                 event.synchronize()
-        if started is not None:
-            started.set()
         buf.copy_(t)
-        return buf
-
-    def prefetch(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> None:
-        """Start upload(t, device, dtype)'s copy and DMA on the staging thread, on the caller's current stream
-        (nothing where upload would not stage)."""
-        dtype = dtype or t.dtype
-        tag = self._tag(t, dtype)
-        if tag in self._early or not self._staged(t, device):
-            return
-        device = torch.device(device)
-        key, stream = (tuple(t.shape), dtype), torch.cuda.current_stream(device)
-        hit = self._buffers.pop(key, None)
-        if hit is not None and hit[1] is not None and hit[1].query():
-            hit = (hit[0], None)        # its last DMA is done: the worker goes straight to the copy
-        started = threading.Event()
-
-        def fill_and_send():
-            torch.cuda.set_stream(stream)
-            buf = self._fill(hit, t, key, started)
-            return self._send(buf, device, stream)
-
-        if not self._early:
-            self._switch = switch_interval.lower(self.SWITCH_INTERVAL)
-        future = _staging_thread().submit(fill_and_send)
-        self._early[tag] = (t, stream, future)
-        started.wait()          # hand the GIL over until the copy is under way (else it waits for our next release)
-
-    def drop_prefetched(self) -> None:
-        """Forget prefetches no upload took (e.g. the encode went another way)."""
-        self._early.clear()
-        switch_interval.restore(self._switch)
-
-    def upload(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-        device = torch.device(device)
-        early = self._early.pop(self._tag(t, dtype or t.dtype), None) if self._early else None
-        if early is None and not self._staged(t, device):
-            return t.to(device, self.wire_dtype(t, device, dtype), non_blocking=True)
-        dtype = dtype or t.dtype
-        key, stream = (tuple(t.shape), dtype), torch.cuda.current_stream(device)
-        if early is None:
-            buf, out, event = self._send(self._fill(self._buffers.pop(key, None), t, key), device, stream)
-        else:
-            if not self._early:
-                switch_interval.restore(self._switch)
-            buf, out, event = early[2].result()
-            if early[1] != stream:      # prefetched under another current stream: order this one after it
-                stream.wait_event(event)
-                out.record_stream(stream)
+        out = buf.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
         self._buffers[key] = (buf, event)            # most recently used last
         while len(self._buffers) > self.capacity:
             self._buffers.pop(next(iter(self._buffers)))
         return out
-
-
-_STAGING_THREAD: list = []
-
-
-def _staging_thread():
-    """The process's one staging worker (a persistent thread: its OpenMP team for torch's parallel copy is made once)."""
-    if not _STAGING_THREAD:
-        _STAGING_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-vl-staging"))
-    return _STAGING_THREAD[0]

@@ -1,7 +1,7 @@
-"""The runner's image input: pinned staging uploads with their copies prefetched on a worker thread, and the vision
-tower's input steps (patch rows, interpolated position embedding) against the reference preprocessing.
+"""The runner's image input and CUDA graphs: pinned staging uploads, the vision tower's input steps (patch rows,
+interpolated position embedding) against the reference preprocessing, and graph replays of new images.
 
-The staging tests need CUDA (pinned memory, DMA): they run on the GPU machine (bench/README.md) and skip here.
+The CUDA tests need a GPU (pinned memory, DMA, graphs): they run on the GPU machine (bench/README.md) and skip here.
 """
 from __future__ import annotations
 
@@ -51,71 +51,22 @@ def test_position_rows_repeat_per_image():
 
 def test_cpu_targets_are_not_staged():
     staging, image = weights.HostStaging(), picture(1, 32, 32, 3)
-    staging.prefetch(image, "cpu", torch.float16)
-    assert staging._early == {}
     assert staging.upload(image, "cpu", torch.float16) is image          # no wire dtype on the CPU
-    assert staging.wire_dtype(image, "cpu", torch.float16) == torch.float32
+    assert staging._buffers == {}
 
 
 @cuda
-def test_prefetched_upload_is_the_plain_upload():
+def test_staged_uploads_reuse_their_buffer_and_keep_each_image():
+    """Same-shape uploads share one pinned buffer, rewritten only after its DMA: each upload holds its own image
+    (float16 on the wire); a tensor already on the GPU is only converted (one dtype for the forward)."""
     staging = weights.HostStaging()
-    images = [picture(1, 64, 96, 3, seed=s) for s in range(3)]
-    for image in images:                 # same shape: one pinned buffer, reused once its DMA is done
-        staging.prefetch(image, "cuda", torch.float16)
-        got = staging.upload(image, "cuda", torch.float16)
-        assert staging._early == {}
-        assert got.dtype == torch.float16 and torch.equal(got.cpu(), image.half())
-    plain = staging.upload(images[0], "cuda", torch.float16)
-    assert torch.equal(plain.cpu(), images[0].half())
-    on_gpu = images[1].cuda()           # not staged, still on the wire dtype (one dtype for the graph key)
+    images = [picture(1, 64, 96, 3, seed=s) for s in range(4)]
+    got = [staging.upload(image, "cuda", torch.float16) for image in images]
+    assert len(staging._buffers) == 1
+    for g, image in zip(got, images):
+        assert g.dtype == torch.float16 and torch.equal(g.cpu(), image.half())
+    on_gpu = images[1].cuda()
     assert staging.upload(on_gpu, "cuda", torch.float16).dtype == torch.float16
-    assert staging.wire_dtype(on_gpu, "cuda", torch.float16) == torch.float16
-
-
-@cuda
-def test_a_prefetch_nobody_took_never_serves_old_pixels():
-    """A prefetched copy is dropped at the end of the block that made it: the same tensor changed in place later
-    uploads its new values."""
-    runner_mod = tiny_models.import_pack("vl_core.encoders.qwen3vl_runner")
-    staging = weights.HostStaging()
-    image = picture(1, 64, 64, 3, seed=4)
-    stub = type("R", (), {"staging": staging, "device": torch.device("cuda", torch.cuda.current_device()),
-                          "IMAGE_WIRE_DTYPE": torch.float16})()
-    for name in ("_wire", "_prefetch", "prefetching"):
-        setattr(type(stub), name, getattr(runner_mod.Qwen3VLRunner, name))
-    with stub.prefetching([image]):
-        assert len(staging._early) == 1          # started, but this block never uploads it
-    assert staging._early == {}
-    image.mul_(0.25)
-    assert torch.equal(staging.upload(image, "cuda", torch.float16).cpu(), image.half())
-
-
-def test_switch_interval_requests_restore_the_process_interval_in_any_order():
-    """The compile thread and the staging thread each lower the GIL switch interval for a while; however their
-    windows overlap, the shortest request applies meanwhile and the process's own interval comes back at the end."""
-    import sys
-
-    si = tiny_models.import_pack("vl_core.encoders.switch_interval")
-    own = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.005)
-        a = si.lower(0.0005)
-        b = si.lower(0.0001)
-        assert sys.getswitchinterval() == pytest.approx(0.0001)
-        si.restore(b)
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-        b = si.lower(0.0001)
-        si.restore(a)                               # the first one out first
-        assert sys.getswitchinterval() == pytest.approx(0.0001)
-        si.restore(b)
-        si.restore(b)                               # twice: nothing
-        assert sys.getswitchinterval() == pytest.approx(0.005)
-        with si.lowered(0.001):
-            assert sys.getswitchinterval() == pytest.approx(0.001)
-        assert sys.getswitchinterval() == pytest.approx(0.005)
-    finally:
-        sys.setswitchinterval(own)
 
 
 @cuda
@@ -123,8 +74,8 @@ def test_switch_interval_requests_restore_the_process_interval_in_any_order():
 def test_cuda_encodes_replay_with_each_new_image(hf_tiny_path, fusion_mode):
     """On a GPU: a first encode runs eagerly, the second identical one is captured (vision tower and language model
     as two graphs), later ones replay them; a new prompt over the same image size replays the vision graph and runs
-    (then captures) the language model; text-only prompts capture the language model alone. The prefetched staging
-    uploads feed each encode its own pixels (a stale buffer or a missed DMA would repeat an earlier image's states),
+    (then captures) the language model; text-only prompts capture the language model alone. The staging uploads
+    feed each encode its own pixels (a stale buffer or a missed DMA would repeat an earlier image's states),
     with the fused steps compiled (sync) or not, within fp32 rounding of the CPU encode."""
     tq = tiny_models.import_pack("vl_core.encoders.transformers_qwen3vl")
     fusion = tiny_models.import_pack("vl_core.encoders.fusion")
@@ -143,4 +94,3 @@ def test_cuda_encodes_replay_with_each_new_image(hf_tiny_path, fusion_mode):
         if step == 3:
             assert len(gpu.graphs) == 2         # vision + language model of the first prompt
     assert len(gpu.graphs) == 4 and not gpu.graphs.broken    # + the second prompt's LM + the text-only LM
-    assert gpu.fast_runner().staging._early == {}
