@@ -571,6 +571,20 @@ def process_costs(device, runner=None) -> dict:
         wire = torch.empty(image.shape, dtype=torch.float16, pin_memory=True)
         out["copy_12MB_to_fp16_pinned"] = med(lambda: wire.copy_(image))
         out["copy_12MB_to_fp32_pinned"] = med(lambda: torch.empty(image.shape, pin_memory=True).copy_(image))
+
+        def idle_then_copy(threads: int) -> float:      # as in an encode: torch's OpenMP workers asleep by then
+            own = torch.get_num_threads()
+            times = []
+            for _ in range(10):
+                time.sleep(0.025)
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                wire.copy_(image)
+                times.append(1e3 * (time.perf_counter() - t0))
+                torch.set_num_threads(own)
+            return round(statistics.median(times), 4)
+        for n in (1, 2, 4, torch.get_num_threads()):
+            out[f"copy_12MB_to_fp16_after_25ms_idle_{n}_threads"] = idle_then_copy(n)
     if runner is not None and getattr(runner, "_weight_slots", None) is not None:
         slots = runner._weight_slots
         out["weights in the key"] = len(slots[0])
