@@ -585,8 +585,9 @@ def process_costs(device, runner=None) -> dict:
             return round(statistics.median(times), 4)
         for n in (1, 2, 4, torch.get_num_threads()):
             out[f"copy_12MB_to_fp16_after_25ms_idle_{n}_threads"] = idle_then_copy(n)
-    if runner is not None and getattr(runner, "_weight_slots", None) is not None:
-        slots = runner._weight_slots
+    if runner is not None and getattr(runner, "_part_slots", None):
+        parts = list(runner._part_slots.values())        # the graph keys' weight slots (vision, lm)
+        slots = ([d for p in parts for d in p[0]], [k for p in parts for k in p[1]])
         out["weights in the key"] = len(slots[0])
         out["model scan"] = med(lambda: weights.addresses(slots))
 

@@ -254,6 +254,8 @@ class NativeQwen3VLEncoder:
         CUDA graphs this encoder captured."""
         if self.graphs is not None:
             self.graphs.release()
+        if self._runner is not None:
+            self._runner.residency = None        # (set again by the next load)
         return offload_patcher(self.clip.patcher)
 
     # ------------------------------------------------------------------ fast path

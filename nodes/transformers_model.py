@@ -96,6 +96,9 @@ class TransformersVLModel:
     def offload(self) -> bool:
         """Unload the model from the GPU now (ComfyUI reloads it on the next encode), and its CUDA graphs."""
         self.encoder.release_graphs()
+        runner = getattr(self.encoder, "_runner", None)
+        if runner is not None:
+            runner.residency = None              # (set again by the next load)
         return offload_patcher(self.patcher)
 
     def __repr__(self) -> str:

@@ -94,3 +94,25 @@ def test_cuda_encodes_replay_with_each_new_image(hf_tiny_path, fusion_mode):
         if step == 3:
             assert len(gpu.graphs) == 2         # vision + language model of the first prompt
     assert len(gpu.graphs) == 4 and not gpu.graphs.broken    # + the second prompt's LM + the text-only LM
+
+
+@cuda
+def test_a_kept_language_model_graph_replays_after_its_vision_graph_went(hf_tiny_path):
+    """Graphs leave the cache one by one (least recently used): where only the vision graph went, the next encode
+    captures it again and replays the language model's (no second capture of a graph still there)."""
+    tq = tiny_models.import_pack("vl_core.encoders.transformers_qwen3vl")
+    gpu = tq.TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cuda")
+    cpu = tq.TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cpu")
+    for seed in range(2):
+        gpu.encode([picture(64, 64, 3, seed=seed)], "a cat", [2], "after_image")
+    vision = [k for k in gpu.graphs._graphs if k[0] == "vision"]
+    assert len(vision) == 1 and len(gpu.graphs) == 2
+    del gpu.graphs._graphs[vision[0]]
+    captured = []
+    real = gpu.graphs.capture
+    gpu.graphs.capture = lambda key, *a, **kw: captured.append(key[0]) or real(key, *a, **kw)
+    image = picture(64, 64, 3, seed=7)
+    got = gpu.encode([image], "a cat", [2], "after_image").hidden[2]
+    want = cpu.encode([image.half().float()], "a cat", [2], "after_image").hidden[2]
+    assert captured == ["vision"] and len(gpu.graphs) == 2
+    assert float((got - want).norm() / want.norm()) <= 1e-4

@@ -607,3 +607,19 @@ def test_projections_are_packed_after_every_load_and_patches_still_run(native_cl
     assert packed_layers(lm) == len(lm.layers)
     assert all(torch.equal(middle.hidden[k], first.hidden[k]) for k in layers)
 
+
+
+def test_a_residency_token_from_before_an_unload_packs_nothing(native):
+    """offload() forgets the residency token forward packs under; a token left anyway (the model unloaded behind
+    the encoder's back) packs nothing while the weights are not on the runner's device."""
+    native.encode([picture(64, 64, 48)], PROMPT, [2], "after_image")
+    runner = native._runner
+    token = runner.residency
+    assert token is not None
+    native.offload()
+    assert runner.residency is None
+    device, runner.device = runner.device, torch.device("cuda", 0)      # the weights are elsewhere now
+    try:
+        assert runner.pack_projections(token) == 0
+    finally:
+        runner.device = device

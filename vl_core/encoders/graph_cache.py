@@ -81,6 +81,7 @@ class GraphCache:
             self.broken = True
             log.warning("Qwen3-VL runner: CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e)
             return None
+        self._graphs.pop(key, None)               # (a recapture: most recently used, like a new one)
         self._graphs[key] = {"graph": graph, "images": static, "outputs": outputs, "keep": keep}
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)

@@ -83,8 +83,9 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
     """
 
     TABLE_CACHE = 32
-    # pixels cross the host → GPU link as float16 (half the DMA of float32; |error| ≤ 2⁻¹² on 0..1, far below the
-    # bf16 rounding of the patch embedding's input); None keeps the image's dtype
+    # pixels enter a GPU forward as float16, also from a tensor already there (half the DMA of float32; one dtype for
+    # the compiled steps; |error| ≤ 2⁻¹² on 0..1, far below the bf16 rounding of the patch embedding's input, and
+    # 3e-4 relative on the states of an fp32 forward: test_float16_image_wire_keeps_the_states); None: as given
     IMAGE_WIRE_DTYPE = torch.float16
     TUNE_ROWS = (1024, 4096)            # fused steps are compiled (tuned) for at least these rows: a 1024² encode
     _ops = EAGER                        # the elementwise steps of the forward running now (fusion.py)
@@ -151,8 +152,8 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
         graphs captured over the old addresses can never replay again and are released (their memory pools with
         them). (The scan cannot be skipped under an unchanged token: ComfyUI unpatching a LoRA'd clone restores
         the original token with a middle layer's weight replaced.) The number of groups packed."""
-        if token is None:
-            return 0
+        if token is None or self.lm.layers[0].self_attn.q_proj.weight.device != self.device:
+            return 0                    # (a token left from before an unload: the weights are elsewhere now)
         groups = self.__dict__.get("_groups")
         if groups is None:
             groups = self._groups = [g for layer in self.lm.layers for g in self.packed_groups(layer)]
