@@ -18,7 +18,9 @@ log = logging.getLogger("comfyui-zimage-vl")
 
 
 class GraphCache:
-    """Up to `capacity` captured graphs (least recently used evicted) and which keys ran eagerly once."""
+    """Up to `capacity` captured graphs (least recently used evicted) and which keys ran eagerly once. The runner
+    keeps two per encode (vision tower, language model): the default holds two encodes' graphs, the previous
+    single-graph default's memory; cycling more (image size, prompt) pairs than that recaptures each time."""
 
     def __init__(self, capacity: int = 4, seen_capacity: int = 64):     # (the runner: two parts per encode)
         self.capacity = capacity
