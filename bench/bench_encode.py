@@ -33,14 +33,14 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import REPO_ROOT, find_comfy, import_host, import_pack, native_qwen3vl_target  # noqa: F401
+from cold_runs import cold_probe, cold_runs
 from flops import encode_flops
+from host_parts import host_parts_section, host_profile, process_costs, runner_of
 PROMPT = "Describe the style, colours, lighting and composition of this image."
 
 FULL_TEXT = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -204,7 +204,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.cold_runs:
-        return cold_runs(args)
+        return cold_runs(args, __file__)
 
     comfy_root = find_comfy(args.comfy)
     import_host(comfy_root, cpu=args.device == "cpu")
@@ -236,7 +236,7 @@ def main(argv=None):
     print(f"models built in {time.perf_counter() - t0:.1f}s: {info}", flush=True)
     fusion = import_pack("vl_core.encoders.fusion")
     if args.cold_probe:
-        return cold_probe(args, native_clip, clip, fusion, device)
+        return cold_probe(args, native_clip, clip, fusion, device, PROMPT, sync)
     peak = matmul_peak(device)
     info["matmul_tflops"] = peak / 1e12
     print(f"bf16 8192^3 matmul: {peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -444,7 +444,7 @@ def main(argv=None):
         results["process_costs"] = process_costs(device, runner_of(native_fused))
         print("process costs (ms):", results["process_costs"], flush=True)
         results["host_parts"] = host_parts_section(native_fused, tr_fused, native_clip, tq, layer, g,
-                                                   1024 if not args.tiny else 64, args.reps)
+                                                   1024 if not args.tiny else 64, args.reps, PROMPT)
     if "timeline" not in skip and device.type == "cuda":     # the GPU's own clock: DMA, idle time, spans
         from timeline import encode_timeline
 
@@ -500,131 +500,6 @@ def profile(device, fns: dict, image) -> dict:
         print(ka.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60), flush=True)
         out[name] = {"syncs": syncs, "kinds": kinds}
     return out
-
-
-def host_profile(name: str, fn, reps: int) -> None:
-    """cProfile of `reps` repeated encodes (after two warm ones): the top functions by own time, printed."""
-    import cProfile
-    import io
-    import pstats
-
-    fn(), fn()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(reps):
-        fn()
-    prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(28)
-    print(f"\n===== host profile: {name}, {reps} encodes (ms are totals over them) =====\n{text.getvalue()}", flush=True)
-
-
-def host_parts_section(native, tr, native_clip, tq, layer, g, size, reps) -> dict:
-    """host_parts.py on both backends' graph-replayed encodes (fusion as configured for those encoders)."""
-    import torch
-    from host_parts import host_parts
-
-    image = torch.rand(size, size, 3, generator=g)
-    out = {"native": native_host_parts(native, native_clip, image, layer, reps)}
-    runner = runner_of(tr)
-    parts = {"_load (ensure_loaded)": (tr, "_load"), "fast_runner": (tr.encoder, "fast_runner"),
-             "tokenize": (tr.encoder, "tokenize"), **runner_parts(runner),
-             "to_outputs (waits for the GPU)": (tq, "to_outputs"), "_finish": (tr.encoder, "_finish")}
-    out["transformers"] = host_parts(lambda: tr.encode([image], PROMPT, [layer], "after_image"), tr, runner,
-                                     parts, reps)
-    for backend, rows in out.items():
-        for label, r in rows.items():
-            print(f"host parts {backend:<12} {label:<32} {r}", flush=True)
-    return out
-
-
-def median_ms(fn, n: int = 50, warm: bool = True) -> float:
-    """Median wall ms of n calls of fn (after one uncounted call if warm)."""
-    if warm:
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return round(statistics.median(times), 4)
-
-
-def process_costs(device, runner=None) -> dict:
-    """Primitive host costs measured inside this process (models loaded, kernels compiled), to compare with the
-    same primitives in a bare process (host_probe.py): a 700-weight address scan, find_runs, a 12 MB staged
-    upload, one small CPU op."""
-    import torch
-
-    extract, weights = import_pack("vl_core.extract"), import_pack("vl_core.encoders.weights")
-    params = [torch.nn.Parameter(torch.empty(64, device=device)) for _ in range(700)]
-    ids = torch.tensor([5] * 20 + [7] * 1024 + [5] * 3)
-    image = torch.rand(1, 1024, 1024, 3)
-    staging = weights.HostStaging()
-    small = torch.zeros(8)
-
-    med = median_ms
-    out = {"threads": torch.get_num_threads(), "scan_700": med(lambda: tuple(map(torch.Tensor.data_ptr, params))),
-           "find_runs": med(lambda: extract.find_runs(ids, 7)), "upload_12MB": med(lambda: staging.upload(image, device)),
-           "small_add": med(lambda: small.add(1))}
-    if device.type == "cuda":       # the staging copy alone (CPU, torch's threads): float32 → float16 pinned
-        wire = torch.empty(image.shape, dtype=torch.float16, pin_memory=True)
-        out["copy_12MB_to_fp16_pinned"] = med(lambda: wire.copy_(image))
-        out["copy_12MB_to_fp32_pinned"] = med(lambda: torch.empty(image.shape, pin_memory=True).copy_(image))
-
-        def idle_then_copy(threads: int) -> float:      # as in an encode: torch's OpenMP workers asleep by then
-            own = torch.get_num_threads()
-            times = []
-            for _ in range(10):
-                time.sleep(0.025)
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                wire.copy_(image)
-                times.append(1e3 * (time.perf_counter() - t0))
-                torch.set_num_threads(own)
-            return round(statistics.median(times), 4)
-        for n in (1, 2, 4, torch.get_num_threads()):
-            out[f"copy_12MB_to_fp16_after_25ms_idle_{n}_threads"] = idle_then_copy(n)
-    if runner is not None and getattr(runner, "_part_slots", None):
-        parts = list(runner._part_slots.values())        # the graph keys' weight slots (vision, lm)
-        slots = ([d for p in parts for d in p[0]], [k for p in parts for k in p[1]])
-        out["weights in the key"] = len(slots[0])
-        out["model scan"] = med(lambda: weights.addresses(slots))
-
-        def scan_after_upload():
-            staging.upload(image, device)
-            t0 = time.perf_counter()
-            weights.addresses(slots)
-            return 1e3 * (time.perf_counter() - t0)
-        out["model scan after upload"] = round(statistics.median(scan_after_upload() for _ in range(50)), 4)
-    return out
-
-
-def runner_parts(runner) -> dict:
-    """The fast runner's own parts (both backends share it)."""
-    import torch
-
-    runner_mod = sys.modules[type(runner).__module__]
-    return {"runner.upload": (runner, "upload"), "staging event wait": (torch.cuda.Event, "synchronize"),
-            "runner.forward": (runner, "forward"), "runner._vision_key": (runner, "_vision_key"),
-            "runner._lm_key (vision graph running)": (runner, "_lm_key"),
-            "weight address scan": (runner_mod, "addresses"), "CUDAGraph.replay (launch)": (torch.cuda.CUDAGraph, "replay"),
-            "stream synchronize (GPU wait)": (torch.cuda.Stream, "synchronize"),
-            "find_runs": (import_pack("vl_core.extract"), "find_runs"), "fusion.ops": (runner.fusion, "ops")}
-
-
-def native_host_parts(native, native_clip, image, layer, reps) -> dict:
-    """host_parts.py over one native encoder's repeated encode of `image`."""
-    from host_parts import host_parts
-
-    runner = runner_of(native)
-    parts = {"ensure_loaded": (native_clip, "ensure_loaded"),
-             "load_models_gpu": (native_clip.model_management, "load_models_gpu"),
-             "weight check": (native_clip, "unsupported_weights"), "_chat": (native, "_chat"),
-             "_sizes": (native, "_sizes"), "_layout": (native, "_layout"), "_fast_runner": (native, "_fast_runner"),
-             **runner_parts(runner),
-             "to_outputs (waits for the GPU)": (native_clip, "to_outputs"), "_embeds": (native, "_embeds")}
-    return host_parts(lambda: native.encode([image], PROMPT, [layer], "after_image"), native, runner, parts, reps)
 
 
 def to_outputs_host_widen(results: dict, device) -> dict:
@@ -693,14 +568,6 @@ def with_eager_steps(names, fn):
             setattr(compiled, n, f)
 
 
-def runner_of(enc):
-    """The fast runner of a native encoder or a TransformersVLModel (built, and the model loaded, on demand)."""
-    if hasattr(enc, "encoder"):
-        enc._load()
-        return enc.encoder.fast_runner()
-    return enc._runner or enc._fast_runner(1, 1, [(64, 64)])
-
-
 KERNEL_KINDS = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
                 ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
                 ("copy", ("memcpy", "memset")))
@@ -719,116 +586,6 @@ def kernel_kinds(prof) -> dict:
         ms, n = out.get(kind, (0.0, 0))
         out[kind] = (ms + getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) / 1e3, n + 1)
     return {k: (round(ms, 3), n) for k, (ms, n) in sorted(out.items())}
-
-
-# ------------------------------------------------------------------------------------------------ cold / warm
-
-COLD_CASES = (("today: fusion off", "off", "empty"), ("fused: empty inductor cache", "auto", "empty"),
-              ("fused: warm disk cache", "auto", "warm"), ("fused sync: warm disk cache", "sync", "warm"),
-              ("fused: warm Triton cache, no FX / AOT cache", "auto", "nofx"),   # diagnose the warm-cache replays
-              ("fused: warm caches, no autotune cache", "auto", "notune"))
-
-
-def cold_runs(args) -> int:
-    """Fresh processes (one per case): first encode, compile wall time, then steady encodes (cold_probe)."""
-    cache = tempfile.mkdtemp(prefix="zimage_vl_inductor_")
-    out = {}
-    picked = {int(i) for i in args.cold_cases.split(",")} if args.cold_cases else set(range(len(COLD_CASES)))
-    for name, mode, state in (case for i, case in enumerate(COLD_CASES) if i in picked):
-        env = dict(os.environ, ZIMAGE_VL_COMPILE=mode,
-                   TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="zimage_vl_empty_") if state == "empty" and
-                   mode == "off" else cache)
-        env.pop("TRITON_CACHE_DIR", None)
-        if state == "nofx":
-            env.update(TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
-        if state == "notune":     # read by cold_probe: inductor re-benchmarks the kernels' launch configs
-            env.update(ZIMAGE_VL_BENCH_NO_AUTOTUNE_CACHE="1")
-        cmd = [sys.executable, __file__, "--cold-probe", mode, "--sizes", args.sizes, "--device", args.device]
-        cmd += ["--tiny"] if args.tiny else []
-        cmd += ["--comfy", args.comfy] if args.comfy else []
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COLD ")]
-        out[name] = json.loads(lines[-1][5:]) if lines else {"error": proc.stderr[-2000:]}
-        out[name]["warnings"] = [ln[-300:] for ln in proc.stderr.splitlines() if "Qwen3-VL runner" in ln][-5:]
-        out[name]["process_s"] = time.perf_counter() - t0
-        print(f"{name:<30} {out[name]}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
-    return 0
-
-
-def cold_probe(args, native_clip, clip, fusion, device) -> int:
-    """One fresh process: wall time of each encode (synchronised) from the very first one on, and when the fused
-    steps became active; the first size of --sizes, then one other size (recompile check)."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    if os.environ.get("ZIMAGE_VL_BENCH_NO_AUTOTUNE_CACHE"):
-        import torch._inductor.config as inductor_config
-        inductor_config.autotune_local_cache = False
-    size = [int(s) for s in args.sizes.split(",") if s][0] if not args.tiny else 64
-    native = native_clip.NativeQwen3VLEncoder(clip)
-    layer = -6 if not args.tiny else -2
-    layer = native.num_layers + 1 + layer
-    g = torch.Generator().manual_seed(7)
-    image = torch.rand(size, size, 3, generator=g)
-
-    def timed():
-        t0 = time.perf_counter()
-        native.encode([image], PROMPT, [layer], "after_image")
-        sync(device)
-        return 1e3 * (time.perf_counter() - t0)
-
-    at_start = host_copy_probe(image)       # before any encode / compile of this process
-    res = {"mode": args.cold_probe, "first_ms": timed(), "host_copy_at_start": at_start}
-    res["second_ms_during_compile"] = timed() if fusion.Fusion.busy() else None
-    t0 = time.perf_counter()
-    fusion.Fusion.wait()
-    res["compile_wait_s"] = time.perf_counter() - t0
-    res["status"] = fusion.Fusion.status()
-    res["next_ms"] = [timed() for _ in range(12)]      # eager, capture (fused steps), replays
-    res["replay_median_ms"] = statistics.median(res["next_ms"][2:])
-    cache = native.graphs
-    res["graphs"] = {"captured": len(cache), "broken": cache.broken}     # did the replays really replay a graph
-    parts = native_host_parts(native, native_clip, image, layer, 10)      # GPU replay vs host time of this process
-    replays = {k: v["median_ms"] for k, v in parts.items() if k.startswith("gpu replay")}
-    res["gpu_replay_ms"] = round(sum(replays.values()), 3) if replays else None
-    res["host_parts_ms"] = {k: v["median_ms"] for k, v in parts.items() if k not in replays}
-    res["host_copy"] = host_copy_probe(image)
-    if os.environ.get("ZIMAGE_VL_BENCH_IDLE_S"):      # does a slow copy recover once the process idles?
-        time.sleep(float(os.environ["ZIMAGE_VL_BENCH_IDLE_S"]))
-        res["host_copy_after_idle"] = host_copy_probe(image)
-    graphs = counters["stats"]["unique_graphs"]
-    other = torch.rand(size // 2, size // 2, 3, generator=g)
-    t0 = time.perf_counter()
-    native.encode([other], PROMPT, [layer], "after_image")
-    sync(device)
-    res["other_size_first_ms"] = 1e3 * (time.perf_counter() - t0)
-    res["other_size_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
-    print("COLD " + json.dumps(res), flush=True)
-    return 0
-
-
-def host_copy_probe(image) -> dict:
-    """Median ms of copying `image` into a pinned buffer (the staging upload's CPU part): torch's copy_ at the
-    process's thread count and at 1 thread, numpy's (single-threaded memcpy), and the thread count."""
-    import numpy as np
-    import torch
-
-    buf = torch.empty_like(image, pin_memory=torch.cuda.is_available())
-
-    def med(fn):
-        return median_ms(fn, 15, warm=False)
-
-    threads = torch.get_num_threads()
-    out = {"threads": threads, "interop": torch.get_num_interop_threads(), "torch_copy": med(lambda: buf.copy_(image)),
-           "numpy_copy": med(lambda: np.copyto(buf.numpy(), image.numpy()))}
-    torch.set_num_threads(1)
-    out["torch_copy_1_thread"] = med(lambda: buf.copy_(image))
-    torch.set_num_threads(threads)
-    out["thread_env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_")) or k.endswith("_THREADS")}
-    return out
 
 
 def summary(results: dict, layer_neg: int) -> None:
