@@ -79,17 +79,23 @@ def patch_rows(windows, mean: float, std: float, temporal: int, dtype):
     return x.reshape(r * g * m1 * m2, c * temporal * p1 * p2).to(dtype)
 
 
+def interpolated_position(table, taps, weights, dtype):
+    """Σⱼ weights[:, j]·table[taps[:, j]] [P, D]: the bilinearly interpolated position embedding (float32 sum, in
+    dtype)."""
+    return (F.embedding(taps, table).float() * weights[:, :, None]).sum(1).to(dtype)
+
+
 def add_position(x, table, taps, weights):
-    """x + Σⱼ weights[:, j]·table[taps[:, j]]: the bilinearly interpolated position embedding (summed in float32,
-    added in x's dtype) of P patches; x [B·P, D] (B images' rows), taps / weights [P, 4]."""
-    pos = (F.embedding(taps, table).float() * weights[:, :, None]).sum(1).to(x.dtype)
+    """x + interpolated_position of P patches, added in x's dtype; x [B·P, D] (B images' rows), taps / weights
+    [P, 4]."""
+    pos = interpolated_position(table, taps, weights, x.dtype)
     return (x.view(-1, *pos.shape) + pos).view(x.shape)
 
 
 def add_position_rows(x, table, taps, weights):
     """add_position with row i reading patch i mod P: what inductor compiles (one pass; broadcasting over a
     dynamic image count would specialise the graph on whether it is 1)."""
-    pos = (F.embedding(taps, table).float() * weights[:, :, None]).sum(1).to(x.dtype)
+    pos = interpolated_position(table, taps, weights, x.dtype)
     return x + pos[torch.arange(x.shape[0], device=x.device) % pos.shape[0]]
 
 
@@ -134,8 +140,9 @@ def qkv_rope_functional(qkv, cos, ssin):
 
 def step_examples(runner, rows: int, vision_rows: int) -> dict:
     """Dummy arguments of every fused step at a Qwen3VLRunner encode's row counts (its real norm weights, compute
-    dtype, device, image wire dtype): what the background compile traces (a list: each variant traced). Sizes marked dynamic differ from each
-    other here (dynamo would otherwise assume equal sizes stay equal: "duck sizing")."""
+    dtype, device, image wire dtype): what the background compile traces (a list: each variant traced). Sizes
+    marked dynamic differ from each other here (dynamo would otherwise assume equal sizes stay equal: "duck
+    sizing")."""
     s, layer, blk = runner.spec, runner.lm.layers[0], runner.visual.blocks[0]
 
     def z(*shape, dtype=None):

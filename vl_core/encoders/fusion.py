@@ -5,8 +5,8 @@ The steps themselves (small pure functions of tensors, rows first) live in fused
 compiled set for that key (device, dtype, model widths) is ready. Compilation (inductor) never happens at import
 or inside a first encode: after the first encode on a CUDA device it runs in a background thread on dummies of
 that encode's shapes, with the row dimension marked dynamic (fused_steps.DYNAMIC_DIMS; one graph per step for
-every image size and batch), using inductor's on-disk caches (FX graph, AOT autograd, Triton kernels) under COMPILE_CACHE, so a later process
-loads the kernels instead of compiling them. Off: env ZIMAGE_VL_COMPILE=0, the CPU (unless mode "on"/"sync"),
+every image size and batch), using inductor's on-disk caches (FX graph, AOT autograd, Triton kernels) under
+COMPILE_CACHE, so a later process loads the kernels instead of compiling them. Off: env ZIMAGE_VL_COMPILE=0, the CPU (unless mode "on"/"sync"),
 no Triton, or a failed compile (logged once; eager from then on). Mode "sync" compiles inside the first encode.
 Mode "auto" uses the compiled steps only in forwards captured as CUDA graphs: uncaptured, their host cost per
 call (guards + wrapper, ≈ 50 µs × ~200 calls an encode, measured on an H200) outweighs the GPU time they save;

@@ -73,10 +73,10 @@ class GraphedForward:
                                         images, keep=keep, cancelled=cancelled, clone=False)
             if feats is None:
                 return None
+            out = self.graphs.replay(lkey, list(feats.values())) if lkey is not None else None
+            if out is not None:         # (the LM graph stayed while the vision one was evicted)
+                return out
         feats = list(feats.values())
-        out = self.graphs.replay(lkey, feats) if lkey is not None else None     # (kept while the vision one went)
-        if out is not None:
-            return out
         if lm_seen:
             out = self.graphs.capture(lkey, self.device,
                                       lambda static: self._on(ops, self._lm_from, tables, static, wanted),
