@@ -131,23 +131,26 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, reps: int, warmup: int = 2, keep: int = 2) -> dict:
+def measure(fn, device, reps: int, warmup: int = 2, keep: int = 2, make=None) -> dict:
     """Median wall time (ms) of fn() (each call synchronised) and the peak memory allocated during it. The last
     `keep` results stay alive, as ComfyUI's cache holds a node's previous output while the next is made (a result
-    dropped at once would hand its memory, pages already mapped, to the next one)."""
+    dropped at once would hand its memory, pages already mapped, to the next one). make: fn(make()) instead, make()
+    outside the timing (a fresh input per call)."""
     import torch
 
+    call = fn if make is None else (lambda: fn(make()))
     kept = collections.deque(maxlen=keep)
     for _ in range(warmup):
-        kept.append(fn())
+        kept.append(call())
     sync(device)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     for _ in range(reps):
+        arg = make() if make is not None else None
         t0 = time.perf_counter()
-        kept.append(fn())
+        kept.append(fn() if make is None else fn(arg))
         sync(device)
         times.append(1e3 * (time.perf_counter() - t0))
     out = {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
@@ -155,6 +158,27 @@ def measure(fn, device, reps: int, warmup: int = 2, keep: int = 2) -> dict:
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         out["resident_gib"] = base / 2 ** 30
     return out
+
+
+def measure_interleaved(fns: dict, device, reps: int, keep: int = 2) -> dict:
+    """measure() of several rows in one round-robin (rep i of every row before rep i + 1 of any), so slow drift
+    of the machine (clocks, other tenants, the host's caches) falls on all rows alike: {name: stats}. fns: name ->
+    (fn, make): fn(make()), make() outside the timing."""
+    kept = {n: collections.deque(maxlen=keep) for n in fns}
+    for n, (fn, make) in fns.items():
+        for _ in range(2):
+            kept[n].append(fn(make()))
+    sync(device)
+    times = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, (fn, make) in fns.items():
+            arg = make()
+            t0 = time.perf_counter()
+            kept[n].append(fn(arg))
+            sync(device)
+            times[n].append(1e3 * (time.perf_counter() - t0))
+    return {n: {"ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "reps": reps, "interleaved": True}
+            for n, t in times.items()}
 
 
 def matmul_peak(device, n: int = 8192, reps: int = 10) -> float:
@@ -198,6 +222,8 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma list of sections to skip: latency,batch,breakdown,hostparts,timeline,hostprofile")
     ap.add_argument("--fusion", default="auto", help="fusion mode of the fused rows (fusion.MODES)")
     ap.add_argument("--methods", default="", help="semicolon list: measure only these latency rows (default all)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="latency rows measured in one round-robin (same-run ratios under drift; no host baseline)")
     ap.add_argument("--cold-runs", action="store_true", help="fresh-process first-encode figures (subprocesses)")
     ap.add_argument("--cold-probe", default=None, help=argparse.SUPPRESS)   # one fresh process of --cold-runs
     ap.add_argument("--cold-cases", default=None, help="with --cold-runs: comma list of COLD_CASES indices")
@@ -312,6 +338,11 @@ def main(argv=None):
             native_fused, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
         "native fused, eager vision input": lambda im: with_eager_steps(
             ("patch_rows", "add_position"), lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
+        "native fused" + SAME_IMAGE: lambda im: native_fused.encode([im], PROMPT, [layer], "after_image"),
+        "transformers fused" + SAME_IMAGE: lambda im: tr_fused.encode([im], PROMPT, [layer], "after_image"),
+        **{f"native fused, staging copy on {n or 'all'} threads": (lambda im, n=n: with_attrs(
+            runner_of(native_fused).staging, lambda: native_fused.encode([im], PROMPT, [layer], "after_image"),
+            copy_threads=n)) for n in (None, 1, 2, 8)},
         "transformers hf": lambda im: tr_hf.encode([im], PROMPT, [layer], "after_image"),
         "baseline host": lambda im: host.encode([im], PROMPT, [layer], "after_image"),
         "baseline hf full": hf_full,
@@ -322,16 +353,27 @@ def main(argv=None):
             row = {}
             outs = {}
             chosen = [m.strip() for m in args.methods.split(";") if m.strip()]
-            for name, fn in methods.items():
-                if chosen and name not in chosen + ["native fast"]:      # (native fast: the token count)
-                    continue
+            picked = {n: fn for n, fn in methods.items() if not chosen or n in chosen + ["native fast"]}
+            fresh = loadimage_like(image)
+
+            def make_for(name):     # each encode a new IMAGE (as LoadImage makes one), unless the row says otherwise
+                return (lambda: image) if name.endswith(SAME_IMAGE) else fresh
+            if args.interleave:     # one round-robin: every row sees the same machine drift
+                picked.pop("baseline host", None)
+                row.update(measure_interleaved({n: (fn, make_for(n)) for n, fn in picked.items()}, device, args.reps))
+                outs.update({n: fn(image) for n, fn in picked.items()})
+                picked = {}
+            for name, fn in picked.items():
                 reps = args.host_reps if name == "baseline host" else args.reps
                 try:
-                    row[name] = measure(lambda: fn(image), device, reps)
+                    row[name] = measure(fn, device, reps, make=make_for(name))
                     outs[name] = fn(image)
                 except Exception as e:  # noqa: BLE001 - report and go on
                     row[name] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{size}² {name:<18} {row[name]}", flush=True)
+            if args.interleave:
+                for name in row:
+                    print(f"{size}² {name:<18} {row[name]}", flush=True)
             assert native.last_path == "fast", "native fast path fell back to the host encoder"
             emb = outs.get("native fast")
             n_tokens = emb.num_tokens if emb is not None else 0
@@ -450,11 +492,14 @@ def main(argv=None):
 
         image = torch.rand(1024, 1024, 3, generator=g)
         results["timeline"] = {}
+        chosen = [m.strip() for m in args.methods.split(";") if m.strip()]
         for name in ("native fused", "transformers fused", "native fused, keys before the first launch",
-                     "native fused, eager vision input"):
+                     "native fused, eager vision input", "native fused, staging copy on all threads"):
+            if chosen and name not in chosen:
+                continue
             trace = str(Path(args.out).with_name(f"trace_{name.split(',')[0].replace(' ', '_')}.json")) \
                 if args.out and name == "native fused" else None
-            results["timeline"][name] = encode_timeline(lambda: methods[name](image), 5, trace)
+            results["timeline"][name] = encode_timeline(methods[name], 5, trace, make=loadimage_like(image))
             print(f"timeline {name} (µs):", results["timeline"][name], flush=True)
     if "hostprofile" not in skip:      # where the rest of the host time goes, function by function
         image = torch.rand(*(2 * [1024 if not args.tiny else 64]), 3, generator=g)
@@ -552,6 +597,32 @@ def keys_first(enc, fn):
         return fn()
     finally:
         del runner._replay_parts
+
+
+SAME_IMAGE = ", same image tensor again"     # rows fed one image tensor over and over (earlier rounds' figures)
+
+
+def loadimage_like(image):
+    """make() for measure(): a new IMAGE per call, built as ComfyUI's LoadImage builds one (numpy uint8 → float32
+    / 255, one thread) from `image`'s pixels: what a new reference looks like to the encode, just written by the
+    node before it. (Re-encoding one tensor instead leaves it idle in memory between encodes, out of the CPU's
+    caches: its staging copy is that case, a prompt changed over a loaded image.)"""
+    import numpy as np
+    import torch
+
+    px = (image * 255).round().to(torch.uint8).numpy()
+    return lambda: torch.from_numpy(px.astype(np.float32) / 255.0)
+
+
+def with_attrs(obj, fn, **attrs):
+    """fn() with these instance attributes set on obj (removed after)."""
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        return fn()
+    finally:
+        for k in attrs:
+            delattr(obj, k)
 
 
 def with_eager_steps(names, fn):

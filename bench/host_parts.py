@@ -180,18 +180,18 @@ def process_costs(device, runner=None) -> dict:
         out["copy_12MB_to_fp16_pinned"] = med(lambda: wire.copy_(image))
         out["copy_12MB_to_fp32_pinned"] = med(lambda: torch.empty(image.shape, pin_memory=True).copy_(image))
 
+        team_size = import_pack("vl_core.encoders.openmp").team_size
+
         def idle_then_copy(threads: int) -> float:      # as in an encode: torch's OpenMP workers asleep by then
-            own = torch.get_num_threads()
             times = []
             for _ in range(10):
                 time.sleep(0.025)
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                wire.copy_(image)
-                times.append(1e3 * (time.perf_counter() - t0))
-                torch.set_num_threads(own)
+                with team_size(threads):                # this thread's OpenMP team only (as HostStaging does)
+                    t0 = time.perf_counter()
+                    wire.copy_(image)
+                    times.append(1e3 * (time.perf_counter() - t0))
             return round(statistics.median(times), 4)
-        for n in (1, 2, 4, torch.get_num_threads()):
+        for n in (1, 2, 4, 8, torch.get_num_threads()):
             out[f"copy_12MB_to_fp16_after_25ms_idle_{n}_threads"] = idle_then_copy(n)
     if runner is not None and getattr(runner, "_part_slots", None):
         parts = list(runner._part_slots.values())        # the graph keys' weight slots (vision, lm)

@@ -7,7 +7,7 @@ streams. Attention: SDPA's back-ends for the vision tower (4096 tokens, head dim
 its functional form (fusion.py). Each variant is timed as a replayed CUDA graph (no launch cost) in one
 process. GPU only.
 
-    python3 bench/kernel_shapes.py [--tokens 1050] [--reps 200] [--out FILE.json]
+    python3 bench/kernel_shapes.py [--tokens 1050,1152] [--vision] [--autotune] [--reps 200] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -125,25 +125,108 @@ def qk_norm_rope_forms(m: int, dev, dt):
     return out
 
 
+def autotuned(m: int, d: int, heads: int, kv: int, hd: int, ffn: int, dev, dt):
+    """name -> (fn, macs): the language model's four GEMMs as inductor max-autotune picks them (its Triton
+    templates benchmarked against cuBLAS at this exact shape)."""
+    x, xf, xo = (torch.randn(m, k, device=dev, dtype=dt) for k in (d, ffn, heads * hd))
+    lin = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+    out = {}
+    for name, a, n in (("qkv", x, (heads + 2 * kv) * hd), ("gate‖up", x, 2 * ffn), ("o_proj", xo, d), ("down_proj", xf, d)):
+        w = torch.randn(n, a.shape[1], device=dev, dtype=dt) * 0.02
+        lin(a, w)
+        out[f"autotuned {name}"] = ((lambda a=a, w=w: lin(a, w)), m * a.shape[1] * n)
+    return out
+
+
+def memsets(dev, dt) -> dict:
+    """name -> (memsets, kernels) one replay of a one-op CUDA graph launches: which library calls bring the
+    memset nodes the encode's graphs hold (each costs ≈ 4 µs of graph time with its dependency gaps)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    x, xl = torch.randn(4096, 1024, device=dev, dtype=dt), torch.randn(1047, 2560, device=dev, dtype=dt)
+    w3, b3 = torch.randn(3072, 1024, device=dev, dtype=dt) * 0.02, torch.zeros(3072, device=dev, dtype=dt)
+    w4, b4 = torch.randn(4096, 1024, device=dev, dtype=dt) * 0.02, torch.zeros(4096, device=dev, dtype=dt)
+    wgu = torch.randn(19456, 2560, device=dev, dtype=dt) * 0.02
+    qkv = torch.randn(4096, 3, 16, 64, device=dev, dtype=dt)
+    q, k, v = (qkv[:, i].transpose(0, 1)[None] for i in range(3))          # strided views, as the runner's
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    lq = torch.randn(1, 1047, 32, 128, device=dev, dtype=dt).transpose(1, 2)
+    lk, lv = (torch.randn(1, 1047, 8, 128, device=dev, dtype=dt).transpose(1, 2) for _ in range(2))
+
+    def cudnn(f):
+        def run():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return f()
+        return run
+    ops = {"vision qkv addmm+bias": lambda: F.linear(x, w3, b3),
+           "vision fc1 gelu epilogue": lambda: torch._addmm_activation(b4, x, w4.t(), use_gelu=True),
+           "vision fc1 as 4 × N=1024": lambda: [torch._addmm_activation(b4[i:i + 1024], x, w4[i:i + 1024].t(), use_gelu=True)
+                                                 for i in range(0, 4096, 1024)],
+           "vision qkv as 3 × N=1024": lambda: [F.linear(x, w3[i:i + 1024], b3[i:i + 1024]) for i in range(0, 3072, 1024)],
+           "LM gate‖up": lambda: F.linear(xl, wgu),
+           "LM gate, up": lambda: (F.linear(xl, wgu[:9728]), F.linear(xl, wgu[9728:])),
+           "vision SDPA cudnn, strided": cudnn(lambda: F.scaled_dot_product_attention(q, k, v)),
+           "vision SDPA cudnn, contiguous": cudnn(lambda: F.scaled_dot_product_attention(qc, kc, vc)),
+           "LM SDPA cudnn causal GQA": cudnn(lambda: F.scaled_dot_product_attention(lq, lk, lv, is_causal=True,
+                                                                                    enable_gqa=True))}
+    out = {}
+    for name, fn in ops.items():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            g.replay()
+            torch.cuda.synchronize()
+        kinds = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        out[name] = {"memsets": sum("memset" in e.name.lower() for e in kinds),
+                     "kernels": sum("memset" not in e.name.lower() for e in kinds), "ms": graph_ms(fn, 100)}
+        print(f"{name:32s} {out[name]}", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=1050)
+    ap.add_argument("--tokens", default="1050", help="comma-separated token counts of the language model's GEMMs")
+    ap.add_argument("--vision", action="store_true", help="also the vision tower's GEMMs (4096 rows)")
+    ap.add_argument("--autotune", action="store_true", help="also inductor max-autotune of the LM GEMMs")
+    ap.add_argument("--memsets", action="store_true", help="only: the memset nodes each library call brings")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
+    tokens = [int(t) for t in a.tokens.split(",")]
+    if a.memsets:
+        result = memsets(dev, dt)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     result = {}
+    shapes = [(f"LM {m}", (m, 2560, 32, 8, 128, 9728)) for m in tokens]
+    if a.vision:
+        shapes.append(("vision 4096", (4096, 1024, 16, 16, 64, 4096)))
     for blas in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(blas)
-        table = groups(a.tokens, 2560, 32, 8, 128, 9728, dev, dt)
-        for name, (fns, macs) in table.items():
-            ms = graph_ms(lambda: [f() for f in fns], a.reps)
-            result[f"{blas}: {name}"] = {"ms": ms, "tflops": 2 * macs / ms / 1e9}
-            print(f"{blas:9s} {name:26s} {ms * 1e3:8.1f} µs  {2 * macs / ms / 1e9:6.0f} TFLOP/s", flush=True)
+        for label, shape in shapes:
+            for name, (fns, macs) in groups(*shape, dev, dt).items():
+                ms = graph_ms(lambda: [f() for f in fns], a.reps)
+                result[f"{blas}: {label}: {name}"] = {"ms": ms, "tflops": 2 * macs / ms / 1e9}
+                print(f"{blas:9s} {label:11s} {name:26s} {ms * 1e3:8.1f} µs  {2 * macs / ms / 1e9:6.0f} TFLOP/s",
+                      flush=True)
     torch.backends.cuda.preferred_blas_library("cublas")
-    more = {**attention(a.tokens, 4096, dev, dt)}
+    more = {**attention(tokens[0], 4096, dev, dt)}
+    if a.autotune:
+        more.update({f"{k} ({tokens[0]} rows)": v for k, v in autotuned(tokens[0], 2560, 32, 8, 128, 9728, dev, dt).items()})
     try:
-        more.update(qk_norm_rope_forms(a.tokens, dev, dt))
+        more.update(qk_norm_rope_forms(tokens[0], dev, dt))
     except Exception as e:  # noqa: BLE001 - report and go on (no Triton, an older pack)
         print(f"qk_norm_rope forms: {type(e).__name__}: {e}")
     for name, (fn, flops) in more.items():
@@ -152,6 +235,7 @@ def main():
         except RuntimeError as e:
             print(f"{name:36s} not available: {str(e).splitlines()[0][:100]}")
             continue
+        flops = 2 * flops if name.startswith("autotuned") else flops      # (macs)
         result[name] = {"ms": ms, "tflops": flops / ms / 1e9 if flops else None}
         print(f"{name:36s} {ms * 1e3:8.1f} µs" + (f"  {flops / ms / 1e9:6.0f} TFLOP/s" if flops else ""), flush=True)
     if a.out:

@@ -38,26 +38,29 @@ def _spans(events: list[dict]) -> dict:
                             / max(1e-9, sum(e["dur"] for e in h2d)) / 1e3),
             "H2D end → first kernel": first_kernel - (h2d[-1]["ts"] + h2d[-1]["dur"]) if h2d else None,
             "kernels span": (kernels[-1]["ts"] + kernels[-1]["dur"] - first_kernel) if kernels else 0,
+            "kernels": len(kernels), "memsets": sum(e["cat"] == "gpu_memset" for e in gpu),
             "download DMA (D2H, GPU)": sum(e["dur"] for e in d2h),
             "last GPU work → encode returns": t1 - end}
 
 
-def encode_timeline(encode, reps: int = 5, trace_out: str | None = None) -> dict:
+def encode_timeline(encode, reps: int = 5, trace_out: str | None = None, make=None) -> dict:
     """Median µs of each span over `reps` encodes (after two warm ones; the previous result kept alive);
-    trace_out: where to keep the Chrome trace."""
+    trace_out: where to keep the Chrome trace; make: encode(make()) instead, make() outside the encode's window."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    kept = encode()
-    kept = encode()
+    call = encode if make is None else (lambda: encode(make()))
+    kept = call()
+    kept = call()
     torch.cuda.synchronize()
     path = Path(trace_out) if trace_out else Path(tempfile.mkdtemp()) / "encode_trace.json"
     per = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
+            arg = make() if make is not None else None
             with record_function(MARK):
-                kept = encode()     # noqa: F841 - ComfyUI's cache keeps the previous output while making the next
-            torch.cuda.synchronize()
+                kept = encode() if make is None else encode(arg)     # noqa: F841 - ComfyUI's cache keeps the
+            torch.cuda.synchronize()                                  # previous output while making the next
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     marks = sorted((e for e in events if e.get("name") == MARK and e.get("ph") == "X"

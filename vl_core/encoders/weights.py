@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .openmp import team_size
+
 PINNED_OUTPUT_MAX_BYTES = 64 * 2 ** 20
 
 
@@ -132,7 +134,11 @@ class HostStaging:
     rewritten only after its previous DMA finished (an event per buffer). Tensors over `max_bytes`, already
     pinned or on the GPU go straight through `.to(device, dtype, non_blocking=True)`; CPU targets are left as they
     are. `dtype`: the dtype on the wire to a GPU (the copy into the pinned buffer converts), e.g. float16 for
-    images: half the DMA's bytes, and one dtype for the forward whatever the image's own."""
+    images: half the DMA's bytes, and one dtype for the forward whatever the image's own. `copy_threads`: the
+    OpenMP team of that copy (openmp.team_size; None: torch's whole pool): between encodes the pool sleeps, and
+    waking every core costs more than a 12 MB copy needs (bench/README.md)."""
+
+    copy_threads: int | None = 4
 
     def __init__(self, capacity: int = 4, max_bytes: int = PINNED_OUTPUT_MAX_BYTES):
         self.capacity = capacity
@@ -154,7 +160,8 @@ class HostStaging:
             buf, event = hit
             if event is not None:
                 event.synchronize()
-        buf.copy_(t)
+        with team_size(self.copy_threads):
+            buf.copy_(t)
         out = buf.to(device, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
