@@ -375,7 +375,8 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
             if index in want and index < L and not (has_ds and s.deepstack_after_record):
                 out[index] = x
             if has_ds:
-                x = x.clone()
+                if out.get(index) is x:                # (x = x + r is fresh otherwise: no copy needed)
+                    x = x.clone()
                 x[:, image_pos] = x[:, image_pos] + ds_feats[i].to(x.dtype)
                 if index in want and index < L and s.deepstack_after_record:
                     out[index] = x
