@@ -129,17 +129,8 @@ def qk_norm_rope_functional(q, k, qw, kw, q_eps: float, k_eps: float, cos, ssin)
 
 
 def qkv_norm_rope_functional(qkv, qw, kw, q_eps: float, k_eps: float, cos, ssin, heads: int, kv_heads: int):
-    """qkv_norm_rope as one pass over q's and k's heads together: x = qkv[:, :heads + kv_heads] [R, Hq+Hk, hd],
-    (x·rsqrt(mean(x²) + εₕ) in float32, back in x's dtype)·wₕ (F.rms_norm's order; wₕ, εₕ: q's for q heads, k's for
-    k heads), then rope_functional. One reduction kernel where a form per tensor compiled to two (≈ 5 µs and a
-    launch per language-model layer on an H200, bench/README.md); q, k come back as views of one tensor."""
-    x = qkv[:, :heads + kv_heads]
-    xf = x.float()
-    eps = torch.cat([torch.full((heads, 1), q_eps, device=x.device), torch.full((kv_heads, 1), k_eps, device=x.device)])
-    w = torch.cat([qw.expand(heads, -1), kw.expand(kv_heads, -1)])
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-    y = rope_functional(y, cos, ssin)
-    return y[:, :heads], y[:, heads:]
+    """qkv_norm_rope through rope_functional."""
+    return qk_norm_rope_functional(qkv[:, :heads], qkv[:, heads:heads + kv_heads], qw, kw, q_eps, k_eps, cos, ssin)
 
 
 def qkv_rope_functional(qkv, cos, ssin):
