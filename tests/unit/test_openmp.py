@@ -37,6 +37,34 @@ def test_team_size_narrows_this_thread_only_and_restores_it():
     assert torch.get_num_threads() == own           # restored on an error too
 
 
+@needs_runtime
+def test_a_thread_new_to_torch_keeps_torchs_count_after_the_block():
+    """ComfyUI runs nodes on a worker thread: its first torch op inside the block must not leave it on a count
+    other than torch's own."""
+    seen = {}
+
+    def plain():
+        seen["plain"] = torch.get_num_threads()
+
+    def narrowed():
+        with openmp.team_size(1):
+            torch.empty(200_000, dtype=torch.float16).copy_(torch.ones(200_000))
+            seen["inside"] = torch.get_num_threads()
+        seen["after"] = torch.get_num_threads()
+
+    own = torch.get_num_threads()
+    torch.set_num_threads(own + 1)      # torch's count ≠ OpenMP's default: what a new thread starts with
+    try:
+        for fn in (plain, narrowed):
+            t = threading.Thread(target=fn)
+            t.start()
+            t.join()
+    finally:
+        torch.set_num_threads(own)
+    assert seen["plain"] == own + 1
+    assert seen["inside"] == 1 and seen["after"] == seen["plain"]
+
+
 def test_team_size_leaves_the_count_alone_where_it_would_not_narrow():
     own = torch.get_num_threads()
     for n in (None, 0, own, own + 8):

@@ -48,8 +48,10 @@ def team_size(n: int | None):
     """CPU ops of torch issued by this thread inside the block use at most n OpenMP threads (n None or ≥ the
     current count: unchanged)."""
     runtime = _runtime() if n else None
-    own = runtime[1]() if runtime else 0
-    if not runtime or n >= own:
+    # (torch.get_num_threads first: in a thread new to torch it applies torch's own count, which its first
+    # parallel op would otherwise apply inside the block, and the restore below would then undo)
+    own = torch.get_num_threads() if runtime else 0
+    if not runtime or n >= own or runtime[1]() != own:
         yield
         return
     runtime[0](max(1, int(n)))
