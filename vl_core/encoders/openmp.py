@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 
 import torch
@@ -29,12 +30,13 @@ def _runtime():
     runtime = None
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if _RUNTIME.search(line.strip())})
-        for path in paths:
+            found = {line.split()[-1] for line in f if _RUNTIME.search(line.strip())}
+        own_dir = os.path.dirname(torch.__file__)
+        for path in sorted(found, key=lambda p: (not p.startswith(own_dir), p)):     # torch's own copy first
             lib = ctypes.CDLL(path)            # already mapped: the same instance torch uses
             set_n, get_max = lib.omp_set_num_threads, lib.omp_get_max_threads
             set_n.argtypes, set_n.restype, get_max.restype = [ctypes.c_int], None, ctypes.c_int
-            if get_max() == torch.get_num_threads():
+            if torch.get_num_threads() == get_max():        # (torch's count first: it may set this thread's)
                 runtime = (set_n, get_max)
                 break
     except (OSError, AttributeError, ValueError):
