@@ -522,7 +522,6 @@ def main(argv=None):
 
 
 def profile(device, fns: dict, image) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     out = {}
@@ -565,19 +564,28 @@ def to_outputs_host_widen(results: dict, device) -> dict:
     return out
 
 
+def with_attrs(obj, fn, **attrs):
+    """fn() with these instance attributes set on obj (removed after)."""
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        return fn()
+    finally:
+        for k in attrs:
+            delattr(obj, k)
+
+
 def previous_host_path(enc, native_clip, tq, fn):
     """fn() with the image on the wire as float32 and, where the modules are given, the previous to_outputs (host
     widening): the host path of the previous round, measured beside today's."""
     runner = runner_of(enc)
-    runner.IMAGE_WIRE_DTYPE = None          # an instance attribute over the class's float16
     mods = [m for m in (native_clip, tq) if m is not None and runner.device.type == "cuda"]
     saved = [m.to_outputs for m in mods]
     for m in mods:
         m.to_outputs = to_outputs_host_widen
     try:
-        return fn()
+        return with_attrs(runner, fn, IMAGE_WIRE_DTYPE=None)     # (over the class's float16)
     finally:
-        del runner.IMAGE_WIRE_DTYPE
         for m, f in zip(mods, saved):
             m.to_outputs = f
 
@@ -592,11 +600,7 @@ def keys_first(enc, fn):
         runner._lm_key(ids, wires, wanted, fused)
         return split(runner, vkey, ids, wires, images, wanted, fused)
 
-    runner._replay_parts = replay_parts         # an instance attribute over the method
-    try:
-        return fn()
-    finally:
-        del runner._replay_parts
+    return with_attrs(runner, fn, _replay_parts=replay_parts)     # (an instance attribute over the method)
 
 
 SAME_IMAGE = ", same image tensor again"     # rows fed one image tensor over and over (earlier rounds' figures)
@@ -612,17 +616,6 @@ def loadimage_like(image):
 
     px = (image * 255).round().to(torch.uint8).numpy()
     return lambda: torch.from_numpy(px.astype(np.float32) / 255.0)
-
-
-def with_attrs(obj, fn, **attrs):
-    """fn() with these instance attributes set on obj (removed after)."""
-    for k, v in attrs.items():
-        setattr(obj, k, v)
-    try:
-        return fn()
-    finally:
-        for k in attrs:
-            delattr(obj, k)
 
 
 def with_eager_steps(names, fn):

@@ -30,9 +30,9 @@ def _runtime():
     runtime = None
     try:
         with open("/proc/self/maps") as f:
-            found = {line.split()[-1] for line in f if _RUNTIME.search(line.strip())}
+            paths = {line.split()[-1] for line in f if _RUNTIME.search(line.strip())}
         own_dir = os.path.dirname(torch.__file__)
-        for path in sorted(found, key=lambda p: (not p.startswith(own_dir), p)):     # torch's own copy first
+        for path in sorted(paths, key=lambda p: (not p.startswith(own_dir), p)):     # torch's own copy first
             lib = ctypes.CDLL(path)            # already mapped: the same instance torch uses
             set_n, get_max = lib.omp_set_num_threads, lib.omp_get_max_threads
             set_n.argtypes, set_n.restype, get_max.restype = [ctypes.c_int], None, ctypes.c_int
