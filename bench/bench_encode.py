@@ -338,6 +338,10 @@ def main(argv=None):
             native_fused, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
         "native fused, eager vision input": lambda im: with_eager_steps(
             ("patch_rows", "add_position"), lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
+        "native fused, no prefetch": lambda im: without_prefetch(
+            native_fused, lambda: native_fused.encode([im], PROMPT, [layer], "after_image")),
+        "transformers fused, no prefetch": lambda im: without_prefetch(
+            tr_fused, lambda: tr_fused.encode([im], PROMPT, [layer], "after_image")),
         "native fused" + SAME_IMAGE: lambda im: native_fused.encode([im], PROMPT, [layer], "after_image"),
         "transformers fused" + SAME_IMAGE: lambda im: tr_fused.encode([im], PROMPT, [layer], "after_image"),
         **{f"native fused, staging copy on {n or 'all'} threads": (lambda im, n=n: with_attrs(
@@ -493,7 +497,8 @@ def main(argv=None):
         image = torch.rand(1024, 1024, 3, generator=g)
         results["timeline"] = {}
         chosen = [m.strip() for m in args.methods.split(";") if m.strip()]
-        for name in ("native fused", "transformers fused", "native fused, keys before the first launch",
+        for name in ("native fused", "transformers fused", "native fused, no prefetch",
+                     "native fused, keys before the first launch",
                      "native fused, eager vision input", "native fused, staging copy on all threads"):
             if chosen and name not in chosen:
                 continue
@@ -588,6 +593,13 @@ def previous_host_path(enc, native_clip, tq, fn):
     finally:
         for m, f in zip(mods, saved):
             m.to_outputs = f
+
+
+def without_prefetch(enc, fn):
+    """fn() with the staging copy made inside the forward, after the encode's host work (the previous order)."""
+    import contextlib
+
+    return with_attrs(runner_of(enc), fn, prefetch=lambda images: contextlib.nullcontext())
 
 
 def keys_first(enc, fn):

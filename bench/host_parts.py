@@ -168,7 +168,7 @@ def process_costs(device, runner=None) -> dict:
     params = [torch.nn.Parameter(torch.empty(64, device=device)) for _ in range(700)]
     ids = torch.tensor([5] * 20 + [7] * 1024 + [5] * 3)
     image = torch.rand(1, 1024, 1024, 3)
-    staging = weights.HostStaging()
+    staging = import_pack("vl_core.encoders.staging").HostStaging()
     small = torch.zeros(8)
 
     med = median_ms

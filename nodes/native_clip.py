@@ -35,7 +35,7 @@ from ..vl_core import extract, layout, preprocess
 from ..vl_core.checks import require_choice
 from ..vl_core.encoders.batching import activation_bytes, length_batches, same_size_batches, text_rows_forward
 from ..vl_core.encoders.graph_cache import GraphCache
-from ..vl_core.encoders.qwen3vl_runner import Qwen3VLRunner
+from ..vl_core.encoders.qwen3vl_runner import Qwen3VLRunner, prefetch
 from ..vl_core.encoders.qwen3vl_spec import UnsupportedModel
 from ..vl_core.encoders.weights import normalize_device, to_outputs
 from ..vl_core.types import VLEmbeds
@@ -179,6 +179,10 @@ class NativeQwen3VLEncoder:
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         images = list(images)
+        with prefetch(self._runner, images):     # the images' staging copies beside the host work up to the forward
+            return self._encode(images, prompt, layers, placement)
+
+    def _encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         layers = extract.check_resolved_layers(layers, self.num_layers)
         before, text, after, full = self._chat(prompt, len(images), placement)
         counts, sizes = self._sizes(images)

@@ -10,6 +10,7 @@ import comfy.model_management as model_management
 import comfy.model_patcher
 
 from ..vl_core.checks import require_choice
+from ..vl_core.encoders.qwen3vl_runner import prefetch
 from ..vl_core.encoders.transformers_qwen3vl import TransformersQwen3VL
 from ..vl_core.types import VLEmbeds
 from .offload import ensure_loaded, offload_patcher
@@ -71,9 +72,11 @@ class TransformersVLModel:
             runner.residency = token       # forward packs the projections under it where needed
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
-        self._load()
-        with model_management.cuda_device_context(self.patcher.load_device):
-            return self.encoder.encode(images, prompt, layers, placement)
+        images = list(images)
+        with prefetch(getattr(self.encoder, "_runner", None), images):   # (the encoder's own block reuses these)
+            self._load()
+            with model_management.cuda_device_context(self.patcher.load_device):
+                return self.encoder.encode(images, prompt, layers, placement)
 
     def encode_many(self, images, prompt: str, layers: list[int], placement: str,
                     max_batch_tokens: int = 65536) -> list[VLEmbeds]:

@@ -10,7 +10,7 @@ import torch
 
 from tools import tiny_models
 
-weights = tiny_models.import_pack("vl_core.encoders.weights")
+staging_mod = tiny_models.import_pack("vl_core.encoders.staging")
 steps = tiny_models.import_pack("vl_core.encoders.fused_steps")
 preprocess = tiny_models.import_pack("vl_core.preprocess")
 
@@ -50,7 +50,7 @@ def test_position_rows_repeat_per_image():
 
 
 def test_cpu_targets_are_not_staged():
-    staging, image = weights.HostStaging(), picture(1, 32, 32, 3)
+    staging, image = staging_mod.HostStaging(), picture(1, 32, 32, 3)
     assert staging.upload(image, "cpu", torch.float16) is image          # no wire dtype on the CPU
     assert staging._buffers == {}
 
@@ -59,7 +59,7 @@ def test_cpu_targets_are_not_staged():
 def test_staged_uploads_reuse_their_buffer_and_keep_each_image():
     """Same-shape uploads share one pinned buffer, rewritten only after its DMA: each upload holds its own image
     (float16 on the wire); a tensor already on the GPU is only converted (one dtype for the forward)."""
-    staging = weights.HostStaging()
+    staging = staging_mod.HostStaging()
     images = [picture(1, 64, 96, 3, seed=s) for s in range(4)]
     got = [staging.upload(image, "cuda", torch.float16) for image in images]
     assert len(staging._buffers) == 1
@@ -116,3 +116,85 @@ def test_a_kept_language_model_graph_replays_after_its_vision_graph_went(hf_tiny
     want = cpu.encode([image.half().float()], "a cat", [2], "after_image").hidden[2]
     assert captured == ["vision"] and len(gpu.graphs) == 2
     assert float((got - want).norm() / want.norm()) <= 1e-4
+
+
+def test_same_elements_sees_views_of_the_same_pixels_only():
+    """Prefetched copies are matched to uploads by memory: image and image[None] are the same elements; a copy,
+    another crop of the same storage or a permuted view are not."""
+    image = picture(8, 12, 3)
+    assert staging_mod.same_elements(image, image[None])
+    assert not staging_mod.same_elements(image, image.clone())
+    assert not staging_mod.same_elements(image, image[:4])
+    assert not staging_mod.same_elements(image, image.permute(1, 0, 2))
+    assert not staging_mod.same_elements(image, image.half())
+
+
+@cuda
+def test_prefetched_copies_feed_their_own_uploads_and_are_dropped_after_the_block():
+    """Copies started by a prefetch block give each upload its own pixels (through a view, into a given device
+    buffer too); one not uploaded inside the block is gone after it; a tensor not prefetched is staged as before."""
+    staging = staging_mod.HostStaging()
+    a, b, c = (picture(64, 96, 3, seed=s) for s in range(3))
+    def pending(t, dtype=torch.float16):
+        return any(staging_mod.same_elements(p.source, t) and p.dtype == dtype for p in staging._pending)
+
+    with staging.prefetched([a, b, c], [torch.float16] * 3):
+        assert pending(a[None]) and not pending(a, torch.float32)
+        got_a = staging.upload(a[None], "cuda", torch.float16)
+        into = torch.empty(64, 96, 3, dtype=torch.float16, device="cuda")
+        got_b = staging.upload(b, "cuda", torch.float16, out=into)
+        other = picture(64, 96, 3, seed=9)
+        got_other = staging.upload(other, "cuda", torch.float16)
+        assert pending(c)
+        with staging.prefetched([c], [torch.float16]):      # nested: shares the open block's copy
+            assert len(staging._pending) == 1
+        assert pending(c)
+    assert staging._pending == []
+    assert got_b is into
+    for got, want in ((got_a, a[None]), (got_b, b), (got_other, other)):
+        assert torch.equal(got.cpu(), want.half())
+
+
+@cuda
+def test_a_failed_prefetched_copy_raises_at_its_upload(monkeypatch):
+    staging = staging_mod.HostStaging()
+    image = picture(32, 32, 3)
+
+    def broken(buf, event, t):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(staging, "_fill", broken)
+    with staging.prefetched([image], [torch.float16]):
+        with pytest.raises(RuntimeError, match="copy failed"):
+            staging.upload(image, "cuda", torch.float16)
+    assert staging._pending == []
+
+
+@cuda
+def test_replayed_encodes_dma_into_the_vision_graphs_own_input(hf_tiny_path):
+    """Once the vision graph exists, an encode's prefetched image goes by DMA straight into that graph's input
+    buffer (no second device copy), each encode with its own pixels; an encode that raises leaves nothing
+    pending."""
+    tq = tiny_models.import_pack("vl_core.encoders.transformers_qwen3vl")
+    gpu = tq.TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cuda")
+    cpu = tq.TransformersQwen3VL.from_pretrained(hf_tiny_path, dtype=torch.float32, device="cpu")
+    for seed in range(2):
+        gpu.encode([picture(64, 64, 3, seed=seed)], "a cat", [2], "after_image")
+    staging = gpu.fast_runner().staging
+    real, into = staging.upload, []
+
+    def spy(t, device, dtype=None, out=None):
+        into.append(out)
+        return real(t, device, dtype, out=out)
+
+    staging.upload = spy
+    vision_inputs = [g["images"][0] for k, g in gpu.graphs._graphs.items() if k[0] == "vision"]
+    for seed in (5, 6):
+        image = picture(64, 64, 3, seed=seed)
+        got = gpu.encode([image], "a cat", [2], "after_image").hidden[2]
+        want = cpu.encode([image.half().float()], "a cat", [2], "after_image").hidden[2]
+        assert float((got - want).norm() / want.norm()) <= 1e-4
+    assert len(into) == 2 and all(o is vision_inputs[0] for o in into)
+    with pytest.raises(ValueError):
+        gpu.encode([picture(64, 64, 3)], "a cat", [999], "after_image")
+    assert staging._pending == []

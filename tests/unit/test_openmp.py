@@ -75,20 +75,20 @@ def test_team_size_leaves_the_count_alone_where_it_would_not_narrow():
 
 @needs_runtime
 def test_the_staging_copy_runs_on_the_narrowed_team(monkeypatch):
-    from vl_core.encoders import weights as weights_mod
+    from vl_core.encoders import staging as staging_mod
 
     seen = []
-    real = weights_mod.team_size
+    real = staging_mod.team_size
 
     def spy(n):
         seen.append(n)
         return real(n)
 
-    monkeypatch.setattr(weights_mod, "team_size", spy)
+    monkeypatch.setattr(staging_mod, "team_size", spy)
     if not torch.cuda.is_available():
         pytest.skip("the staging copy is the CUDA upload's")
-    staging = weights_mod.HostStaging()
+    staging = staging_mod.HostStaging()
     image = torch.rand(1, 64, 64, 3)
     out = staging.upload(image, "cuda", torch.float16)
-    assert seen == [weights_mod.HostStaging.copy_threads]
+    assert seen == [staging_mod.HostStaging.copy_threads]
     torch.testing.assert_close(out.cpu().float(), image, atol=2 ** -11, rtol=0)

@@ -28,6 +28,7 @@ class GraphCache:
         self.broken = False                       # a capture failed: none until release()
         self._graphs: OrderedDict = OrderedDict()  # key -> {"graph", "images", "outputs", "keep"}
         self._seen: dict = {}                      # key -> eager runs so far
+        self._inputs: dict = {}                    # (shape, dtype, device) -> input_buffer's tensor
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -45,9 +46,23 @@ class GraphCache:
             return None
         self._graphs.move_to_end(key)
         for buf, im in zip(g["images"], images):
-            buf.copy_(im, non_blocking=True)
+            if im is not buf:
+                buf.copy_(im, non_blocking=True)
         g["graph"].replay()
         return {layer: t.clone() for layer, t in g["outputs"].items()} if clone else dict(g["outputs"])
+
+    def input_buffer(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """This cache's own device buffer for one input of this shape and dtype (the same tensor every call until
+        release()): written there first (e.g. by the upload's DMA), an input needs no copy into a graph captured
+        over it, and every graph captured on such a buffer reads it in place."""
+        key = (tuple(shape), dtype, device)
+        buf = self._inputs.pop(key, None)
+        if buf is None:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+        self._inputs[key] = buf                         # most recently used last
+        while len(self._inputs) > self.capacity:
+            self._inputs.pop(next(iter(self._inputs)))
+        return buf
 
     def ran_before(self, key: Hashable) -> bool:
         """True if `key` already ran eagerly (capture it now); otherwise counts this eager run."""
@@ -68,7 +83,7 @@ class GraphCache:
         must outlive it (its tables); clone: as in replay.
         """
         try:
-            static = [im.to(device).clone() for im in images]
+            static = [im if self._owns(im) else im.to(device).clone() for im in images]
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
@@ -90,9 +105,13 @@ class GraphCache:
         graph.replay()
         return {layer: t.clone() for layer, t in outputs.items()} if clone else dict(outputs)
 
+    def _owns(self, t: torch.Tensor) -> bool:
+        return any(t is buf for buf in self._inputs.values())
+
     def release(self) -> None:
         """Drop every captured graph (and the memory pools they hold) and the eager-run counts; a failed capture
         is tried again after it (it may have been a transient out-of-memory beside another model)."""
         self._graphs.clear()
         self._seen.clear()
+        self._inputs.clear()
         self.broken = False

@@ -29,7 +29,8 @@ graphs of repeated encodes (vision tower and language model apart, qwen3vl_graph
 (graph_cache.py) the runner's owner creates and releases. The
 elementwise steps between the matmuls (residual add + norm, q/k norm + RoPE, SiLU·mul) come from fusion.py:
 their eager twins unless the process has compiled them (torch.compile: opt-in, ZIMAGE_VL_COMPILE=auto; off on the CPU).
-Images on the CPU are uploaded through pinned staging buffers (weights.HostStaging).
+Images on the CPU are uploaded through pinned staging buffers (staging.HostStaging), their copies started ahead
+by the encoders (`prefetch`).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ from .qwen3vl_graphs import GraphedForward
 from .qwen3vl_spec import Qwen3VLSpec, check_modules
 from .qwen3vl_tables import mrope_positions, signed_sin, text_rope
 from .qwen3vl_vision import VisionTower
-from .weights import DirectWeights, HostStaging, addresses, joint_rows, normalize_device, pack_rows, weight_slots
+from .staging import HostStaging
+from .weights import DirectWeights, addresses, joint_rows, normalize_device, pack_rows, weight_slots
 
 SDPA_MODES = ("auto", "cudnn", "flash", "efficient", "math")
 
@@ -72,6 +74,11 @@ def sdpa_context(mode: str, device: torch.device):
         return sdpa_kernel(order, set_priority=True)
     except TypeError:   # torch without set_priority: restrict to the list instead
         return sdpa_kernel(order)
+
+
+def prefetch(runner: Qwen3VLRunner | None, images: Sequence[torch.Tensor]):
+    """runner.prefetch(images), or a no-op context where there is no runner yet (a first encode runs eagerly)."""
+    return contextlib.nullcontext() if runner is None else runner.prefetch(images)
 
 
 class Qwen3VLRunner(VisionTower, GraphedForward):
@@ -208,10 +215,22 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
         """The dtype a float32 image has inside the forward (on the wire to a GPU, float32 on the CPU)."""
         return self.IMAGE_WIRE_DTYPE if self.device.type == "cuda" and self.IMAGE_WIRE_DTYPE else torch.float32
 
-    def upload(self, t: torch.Tensor) -> torch.Tensor:
+    def _wire_dtype(self, t: torch.Tensor) -> torch.dtype:
+        """t's dtype on the way into a GPU forward."""
+        return (self.IMAGE_WIRE_DTYPE or t.dtype) if t.is_floating_point() else t.dtype
+
+    def upload(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """An image t on the runner's device (CPU tensors through pinned staging buffers, asynchronously; floating
-        images as IMAGE_WIRE_DTYPE on a GPU)."""
-        return self.staging.upload(t, self.device, self.IMAGE_WIRE_DTYPE if t.is_floating_point() else None)
+        images as IMAGE_WIRE_DTYPE on a GPU); out: the device tensor to write it into (else a new one)."""
+        return self.staging.upload(t, self.device, self._wire_dtype(t), out=out)
+
+    def prefetch(self, images: Sequence[torch.Tensor]):
+        """A context: inside it, the staging copies of these CPU images (the upload's host part) run on the staging
+        thread from now on, beside the caller's host work before the forward (staging.HostStaging.prefetched); a
+        no-op off CUDA. The encoders open it first thing."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return self.staging.prefetched(images, [self._wire_dtype(im) for im in images])
 
     # ------------------------------------------------------------------ language model
 
@@ -236,14 +255,11 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
                 raise ValueError(f"image size {im.shape[2]}x{im.shape[1]} must be a multiple of "
                                  f"{s.patch_size * s.merge_size} px")
             grids.append((gh // s.merge_size, gw // s.merge_size))
-        ids = list(map(int, input_ids))
+        ids = input_ids if isinstance(input_ids, list) else list(map(int, input_ids))     # (callers pass tolist())
         fkey = self._fusion_key()
         ops = self.fusion.ops(fkey, self.device)
         graphed = self._graphs_possible() and bsz == 1
-        # the upload first: its DMA runs while the host builds the vision graph's key (its weights' addresses)
-        images = [self.upload(im) for im in images]
-        wires = [(tuple(im.shape), im.dtype) for im in images]
-        vkey = self._vision_key(wires, ops.fused) if graphed and images else None
+        images, wires, vkey = self._inputs(images, graphed, ops.fused)
         feats = lkey = None
         if graphed:
             out, feats, lkey = self._replay_parts(vkey, ids, wires, images, wanted, ops.fused)
@@ -261,6 +277,20 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
             rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
             self.fusion.after_encode(fkey, self.device, lambda: step_examples(self, *rows))
         return out
+
+    def _inputs(self, images, graphed: bool, fused: bool) -> tuple[list, list, tuple | None]:
+        """(images on the device, their (shape, dtype) wires, the vision graph's key or None). Graphed, each image
+        lands by DMA in the graph cache's own buffer for its wire, over which the vision graph is captured (no
+        device copy before a replay). The key (a scan of its weights' addresses) is built while the DMA runs, or,
+        where a prefetched staging copy is still running, while that copy ends (then the DMA)."""
+        if not graphed or not images:
+            images = [self.upload(im) for im in images]
+            return images, [(tuple(im.shape), im.dtype) for im in images], None
+        wires = [(tuple(im.shape), self._wire_dtype(im)) for im in images]
+        copying = any(self.staging.copying(im, dtype) for im, (_, dtype) in zip(images, wires))
+        vkey = self._vision_key(wires, fused) if copying else None
+        images = [self.upload(im, out=self.graphs.input_buffer(*wire, self.device)) for im, wire in zip(images, wires)]
+        return images, wires, (vkey if copying else self._vision_key(wires, fused))
 
     def _on(self, ops, fn, *args):
         """fn(*args) with the steps `ops`, under inference mode and the SDPA setting."""

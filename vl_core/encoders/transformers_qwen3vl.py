@@ -32,7 +32,7 @@ from .batching import length_batches, same_size_batches, text_rows_forward
 from .graph_cache import GraphCache
 from .hf_folder import (QWEN3VL_MODEL_TYPE, check_qwen3vl_folder, check_safetensors_weights,
                         require_transformers_for_backend)
-from .qwen3vl_runner import Qwen3VLRunner
+from .qwen3vl_runner import Qwen3VLRunner, prefetch
 from .qwen3vl_spec import Qwen3VLSpec, UnsupportedModel
 from .weights import to_outputs
 
@@ -292,13 +292,14 @@ class TransformersQwen3VL:
 
     def encode(self, images: list[torch.Tensor], prompt: str, layers: list[int], placement: str) -> VLEmbeds:
         images = list(images)
-        runner = self.fast_runner()
-        if runner is not None:
-            self._check_images(images)
-            layers = extract.check_resolved_layers(layers, self.num_layers)
-            input_ids, prompt_span = self.tokenize(prompt, len(images), placement, self._image_tokens(images))
-            hidden = runner.forward(input_ids.tolist(), self.image_pad_id, [im[None] for im in images], layers)
-            return self._finish(hidden, input_ids, prompt_span, prompt, placement, images)
+        with prefetch(self._runner, images):     # the images' staging copies beside the host work up to the forward
+            runner = self.fast_runner()
+            if runner is not None:
+                self._check_images(images)
+                layers = extract.check_resolved_layers(layers, self.num_layers)
+                input_ids, prompt_span = self.tokenize(prompt, len(images), placement, self._image_tokens(images))
+                hidden = runner.forward(input_ids.tolist(), self.image_pad_id, [im[None] for im in images], layers)
+                return self._finish(hidden, input_ids, prompt_span, prompt, placement, images)
         return self._encode_hf(images, prompt, layers, placement)
 
     def encode_many(self, images: Sequence[torch.Tensor], prompt: str, layers: list[int], placement: str,

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from .openmp import team_size
-
 PINNED_OUTPUT_MAX_BYTES = 64 * 2 ** 20
 
 
@@ -126,46 +124,3 @@ def to_outputs(results: dict, device) -> dict:
                 o = t.to(device, torch.float32)
                 out[k] = o.clone() if o is t or o.is_inference() else o
     return out
-
-
-class HostStaging:
-    """Host → device uploads through reused pinned buffers: one CPU copy into page-locked memory, then an
-    asynchronous DMA (a pageable `.to(device)` is a slower, synchronous driver-staged copy). A buffer is
-    rewritten only after its previous DMA finished (an event per buffer). Tensors over `max_bytes`, already
-    pinned or on the GPU go straight through `.to(device, dtype, non_blocking=True)`; CPU targets are left as they
-    are. `dtype`: the dtype on the wire to a GPU (the copy into the pinned buffer converts), e.g. float16 for
-    images: half the DMA's bytes, and one dtype for the forward whatever the image's own. `copy_threads`: the
-    OpenMP team of that copy (openmp.team_size; None: torch's whole pool): between encodes the pool sleeps, and
-    waking every core costs more than a 12 MB copy needs (bench/README.md)."""
-
-    copy_threads: int | None = 4
-
-    def __init__(self, capacity: int = 4, max_bytes: int = PINNED_OUTPUT_MAX_BYTES):
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self._buffers: dict = {}      # (shape, dtype) -> (pinned buffer, event of its last DMA)
-
-    def upload(self, t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-        device = torch.device(device)
-        if device.type != "cuda":
-            return t.to(device, non_blocking=True)
-        dtype = dtype or t.dtype
-        if t.device.type != "cpu" or t.numel() * t.element_size() > self.max_bytes or t.is_pinned():
-            return t.to(device, dtype, non_blocking=True)           # (is_pinned asks the driver: last)
-        key = (tuple(t.shape), dtype)
-        hit = self._buffers.pop(key, None)
-        if hit is None:
-            buf, event = torch.empty(t.shape, dtype=dtype, pin_memory=True), None
-        else:
-            buf, event = hit
-            if event is not None:
-                event.synchronize()
-        with team_size(self.copy_threads):
-            buf.copy_(t)
-        out = buf.to(device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        self._buffers[key] = (buf, event)            # most recently used last
-        while len(self._buffers) > self.capacity:
-            self._buffers.pop(next(iter(self._buffers)))
-        return out
