@@ -5,7 +5,8 @@ Why two: a graph may replay only over the weights its capture read, so its key h
 that scan (~700 weights, cold in the CPU caches after the previous encode's GPU wait: ≈ 0.3 ms, bench/README.md) sat
 before the first kernel. Split, the vision graph launches once its own key (image sizes + ~300 vision weights) is
 known and the language model's key (ids, image sizes, layers + its weights) is built while the GPU runs the vision
-tower. The language-model graph reads the vision graph's outputs through its own input buffers (one copy each).
+tower. The language-model graph reads the vision graph's outputs through its own input buffers (one copy each); the
+vision graph reads its image in place, from the graph cache's input buffer the upload's DMA writes.
 
 Only with plain resident weights (no per-call casting), never on the CPU, and only for single sequences: a batched
 forward is GPU-bound (launches are a small part of it) and its graph would hold GiBs of activations in a private
@@ -19,7 +20,7 @@ from .weights import addresses, weight_slots
 
 class GraphedForward:
     """Graph half of Qwen3VLRunner (needs its graphs, weights, visual, lm, spec, dtype, device, sdpa, fusion, _on,
-    _vision_features, _lm_from, _vision_tables)."""
+    _vision_features, _lm_from, _vision_tables, staging, upload, _wire_dtype)."""
 
     def _graphs_possible(self) -> bool:
         return (self.graphs is not None and self.graphs.usable(self.device)
@@ -43,6 +44,20 @@ class GraphedForward:
     def _lm_key(self, ids, wires, wanted, fused: bool):
         """(The image sizes too: they set the MRoPE positions of the same ids.)"""
         return self._part_key("lm", self.lm, (tuple(ids), tuple(wires), tuple(wanted)), fused)
+
+    def _inputs(self, images, graphed: bool, fused: bool) -> tuple[list, list, tuple | None]:
+        """(images on the device, their (shape, dtype) wires, the vision graph's key or None). Graphed, each image
+        lands by DMA in the graph cache's own buffer for its wire, over which the vision graph is captured (no
+        device copy before a replay). The key (a scan of its weights' addresses) is built while the DMA runs, or,
+        where a prefetched staging copy is still running, while that copy ends (then the DMA)."""
+        if not graphed or not images:
+            images = [self.upload(im) for im in images]
+            return images, [(tuple(im.shape), im.dtype) for im in images], None
+        wires = [(tuple(im.shape), self._wire_dtype(im)) for im in images]
+        copying = any(self.staging.copying(im, dtype) for im, (_, dtype) in zip(images, wires))
+        vkey = self._vision_key(wires, fused) if copying else None
+        images = [self.upload(im, out=self.graphs.input_buffer(*wire, self.device)) for im, wire in zip(images, wires)]
+        return images, wires, (vkey if copying else self._vision_key(wires, fused))
 
     def _replay_parts(self, vkey, ids, wires, images, wanted, fused: bool):
         """(outputs, vision features, language-model key): outputs where both parts replayed (else None); the vision

@@ -53,9 +53,6 @@ from .staging import HostStaging
 from .weights import DirectWeights, addresses, joint_rows, normalize_device, pack_rows, weight_slots
 
 SDPA_MODES = ("auto", "cudnn", "flash", "efficient", "math")
-
-
-
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)   # enable_gqa
 
 
@@ -277,20 +274,6 @@ class Qwen3VLRunner(VisionTower, GraphedForward):
             rows = (max(bsz * len(ids), self.TUNE_ROWS[0]), max(bsz * p, self.TUNE_ROWS[1]))
             self.fusion.after_encode(fkey, self.device, lambda: step_examples(self, *rows))
         return out
-
-    def _inputs(self, images, graphed: bool, fused: bool) -> tuple[list, list, tuple | None]:
-        """(images on the device, their (shape, dtype) wires, the vision graph's key or None). Graphed, each image
-        lands by DMA in the graph cache's own buffer for its wire, over which the vision graph is captured (no
-        device copy before a replay). The key (a scan of its weights' addresses) is built while the DMA runs, or,
-        where a prefetched staging copy is still running, while that copy ends (then the DMA)."""
-        if not graphed or not images:
-            images = [self.upload(im) for im in images]
-            return images, [(tuple(im.shape), im.dtype) for im in images], None
-        wires = [(tuple(im.shape), self._wire_dtype(im)) for im in images]
-        copying = any(self.staging.copying(im, dtype) for im, (_, dtype) in zip(images, wires))
-        vkey = self._vision_key(wires, fused) if copying else None
-        images = [self.upload(im, out=self.graphs.input_buffer(*wire, self.device)) for im, wire in zip(images, wires)]
-        return images, wires, (vkey if copying else self._vision_key(wires, fused))
 
     def _on(self, ops, fn, *args):
         """fn(*args) with the steps `ops`, under inference mode and the SDPA setting."""
