@@ -198,3 +198,34 @@ def test_replayed_encodes_dma_into_the_vision_graphs_own_input(hf_tiny_path):
     with pytest.raises(ValueError):
         gpu.encode([picture(64, 64, 3)], "a cat", [999], "after_image")
     assert staging._pending == []
+
+
+@pytest.mark.parametrize("copy_running", [True, False])
+def test_graphed_inputs_scan_the_key_beside_whichever_host_wait_is_left(copy_running):
+    """The graphed input step (no GPU needed for the order): each image's DMA goes into the graph cache's buffer
+    for its wire; the vision key is built after the uploads are issued (beside their DMA), except while a
+    prefetched copy still runs, when it is built first (beside the copy's end, before the upload waits for it)."""
+    graphs_mod = tiny_models.import_pack("vl_core.encoders.qwen3vl_graphs")
+    calls, image = [], picture(1, 32, 32, 3)
+
+    class Stub:
+        device = torch.device("cpu")
+        staging = type("S", (), {"copying": staticmethod(lambda t, dtype: copy_running)})()
+        graphs = type("G", (), {"input_buffer": staticmethod(lambda shape, dtype, device: ("buffer", shape, dtype))})()
+
+        def _wire_dtype(self, t):
+            return torch.float16
+
+        def upload(self, t, out=None):
+            calls.append(("upload", out))
+            return t
+
+        def _vision_key(self, wires, fused):
+            calls.append(("key", tuple(wires)))
+            return "vkey"
+
+    images, wires, vkey = graphs_mod.GraphedForward._inputs(Stub(), [image], True, False)
+    wire = ((1, 32, 32, 3), torch.float16)
+    upload, key = ("upload", ("buffer",) + wire), ("key", (wire,))
+    assert calls == ([key, upload] if copy_running else [upload, key])
+    assert vkey == "vkey" and wires == [wire] and images == [image]

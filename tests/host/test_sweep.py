@@ -160,6 +160,21 @@ def _check_outputs_complete(out: Path) -> list[dict]:
     return rows
 
 
+def _frozen_flights(server: ComfyServer, out: Path, busy, attempts: int = 5) -> dict:
+    """The runner's cells in flight on `server` once it is frozen (SIGSTOP) and the runner has read whatever the
+    server sent before: cells that server can no longer finish. (A snapshot taken while it runs races with its
+    finishing that very cell.) busy(): waits until the server has a cell in flight again, for another try."""
+    for _ in range(attempts):
+        busy()
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        flights = {k: f for k, f in _state(out).get("in_flight", {}).items() if f["server"] == server.url}
+        if flights:
+            return flights
+        os.kill(server.proc.pid, signal.SIGCONT)     # it had just finished its cell: let it take another
+    raise AssertionError(f"no cell stayed in flight on {server.url} once it was frozen ({attempts} tries)")
+
+
 def test_server_killed_and_restarted_mid_sweep(two_servers, tmp_path, monkeypatch):
     a, b, workflow = two_servers
     wf = tmp_path / "workflow.json"
@@ -175,7 +190,7 @@ def test_server_killed_and_restarted_mid_sweep(two_servers, tmp_path, monkeypatc
         _wait_for("B to finish a cell and start another", b_busy_after_one_result, proc)
         os.kill(a.proc.pid, signal.SIGSTOP)  # A pauses so that, once back, B must take work again
         try:
-            lost = _wait_for("B's cell in flight", b_busy_after_one_result, proc)
+            lost = _frozen_flights(b, out, lambda: _wait_for("B's cell in flight", b_busy_after_one_result, proc))
             _kill(b)
             _wait_for("the runner to requeue B's cell",
                       lambda: not any(f["server"] == b.url for f in _state(out).get("in_flight", {}).values()), proc)
