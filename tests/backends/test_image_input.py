@@ -171,6 +171,23 @@ def test_a_failed_prefetched_copy_raises_at_its_upload(monkeypatch):
 
 
 @cuda
+def test_no_staging_thread_at_shutdown_leaves_the_upload_to_copy(monkeypatch):
+    """Where the staging thread takes no more work (the interpreter shutting down), a prefetch starts nothing and
+    keeps its buffer; the upload copies for itself."""
+    staging, image = staging_mod.HostStaging(), picture(32, 32, 3)
+    staging.upload(image, "cuda", torch.float16)             # one buffer in the pool
+
+    class Closed:
+        def submit(self, job):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(staging_mod, "_staging_thread", lambda: Closed())
+    with staging.prefetched([image], [torch.float16]):
+        assert staging._pending == [] and len(staging._buffers) == 1
+        assert torch.equal(staging.upload(image, "cuda", torch.float16).cpu(), image.half())
+
+
+@cuda
 def test_replayed_encodes_dma_into_the_vision_graphs_own_input(hf_tiny_path):
     """Once the vision graph exists, an encode's prefetched image goes by DMA straight into that graph's input
     buffer (no second device copy), each encode with its own pixels; an encode that raises leaves nothing

@@ -94,7 +94,12 @@ class HostStaging:
                 started.set()
                 self._fill(buf, event, t)
 
-            staged = _Staged(t, dtype, buf, _staging_thread().submit(job))
+            try:
+                done = _staging_thread().submit(job)
+            except RuntimeError:        # the interpreter is shutting down: the uploads copy for themselves
+                self._buffers[(t.numel(), dtype)] = (buf, event)
+                break
+            staged = _Staged(t, dtype, buf, done)
             mine.append(staged)
             self._pending.append(staged)
             first = started if first is None else first
