@@ -85,7 +85,7 @@ class HostStaging:
         take the first). Copies not uploaded inside the block are dropped at its end; nested blocks share them."""
         mine, first = [], None
         for t, dtype in zip(tensors, dtypes):
-            if not self._stageable(t) or any(same_elements(p.source, t) and p.dtype == dtype for p in self._pending):
+            if not self._stageable(t) or self._pending_copy(t, dtype) is not None:
                 continue
             buf, event = self._take_buffer(t, dtype)
             started = threading.Event()
@@ -112,15 +112,14 @@ class HostStaging:
         finally:
             self._pending = [p for p in self._pending if all(p is not m for m in mine)]
 
-    def _take_pending(self, t: torch.Tensor, dtype: torch.dtype):
-        for i, p in enumerate(self._pending):
-            if p.dtype == dtype and same_elements(p.source, t):
-                return self._pending.pop(i)
-        return None
+    def _pending_copy(self, t: torch.Tensor, dtype: torch.dtype) -> _Staged | None:
+        """The open prefetch's copy of t's elements as `dtype`, if any."""
+        return next((p for p in self._pending if p.dtype == dtype and same_elements(p.source, t)), None)
 
     def copying(self, t: torch.Tensor, dtype: torch.dtype) -> bool:
         """True while a copy of t that a `prefetched` block started is still running (its upload would wait)."""
-        return any(p.dtype == dtype and same_elements(p.source, t) and not p.done.done() for p in self._pending)
+        p = self._pending_copy(t, dtype)
+        return p is not None and not p.done.done()
 
     def upload(self, t: torch.Tensor, device, dtype: torch.dtype | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,8 +129,9 @@ class HostStaging:
         if device.type != "cuda":
             return t.to(device, non_blocking=True)
         dtype = dtype or t.dtype
-        staged = self._take_pending(t, dtype)
+        staged = self._pending_copy(t, dtype)
         if staged is not None:
+            self._pending.remove(staged)
             staged.done.result()        # (re-raises the copy's error)
             buf = staged.buf
         elif not self._stageable(t) or t.is_pinned():              # (is_pinned asks the driver: last)
