@@ -160,7 +160,7 @@ def test_a_failed_prefetched_copy_raises_at_its_upload(monkeypatch):
     staging = staging_mod.HostStaging()
     image = picture(32, 32, 3)
 
-    def broken(buf, event, t):
+    def broken(buf, t):
         raise RuntimeError("copy failed")
 
     monkeypatch.setattr(staging, "_fill", broken)

@@ -58,22 +58,23 @@ class HostStaging:
     def __init__(self, capacity: int = 4, max_bytes: int = PINNED_OUTPUT_MAX_BYTES):
         self.capacity = capacity
         self.max_bytes = max_bytes
-        self._buffers: dict = {}      # (numel, dtype) -> (pinned buffer, event of its last DMA)
+        self._buffers: dict = {}      # (numel, dtype) -> (pinned buffer, event of its last DMA or None)
         self._pending: list = []      # _Staged copies started by `prefetched` blocks now open
 
     def _stageable(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and t.numel() * t.element_size() <= self.max_bytes
 
-    def _take_buffer(self, t: torch.Tensor, dtype: torch.dtype):
-        """(a pinned buffer of t's shape and `dtype`, the event of its last DMA or None), out of the pool."""
+    def _take_buffer(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned buffer of t's shape and `dtype` out of the pool, free to write (its last DMA done)."""
         hit = self._buffers.pop((t.numel(), dtype), None)
         if hit is None:
-            return torch.empty(t.numel(), dtype=dtype, pin_memory=True).view(t.shape), None
-        return hit[0].view(t.shape), hit[1]
-
-    def _fill(self, buf: torch.Tensor, event, t: torch.Tensor) -> None:
+            return torch.empty(t.numel(), dtype=dtype, pin_memory=True).view(t.shape)
+        buf, event = hit
         if event is not None:
-            event.synchronize()        # (its previous DMA)
+            event.synchronize()        # (its previous DMA: done long before, in an encode's steady state)
+        return buf.view(t.shape)
+
+    def _fill(self, buf: torch.Tensor, t: torch.Tensor) -> None:
         with team_size(self.copy_threads):
             buf.copy_(t)
 
@@ -87,17 +88,17 @@ class HostStaging:
         for t, dtype in zip(tensors, dtypes):
             if not self._stageable(t) or self._pending_copy(t, dtype) is not None:
                 continue
-            buf, event = self._take_buffer(t, dtype)
+            buf = self._take_buffer(t, dtype)
             started = threading.Event()
 
-            def job(buf=buf, event=event, t=t, started=started):
+            def job(buf=buf, t=t, started=started):      # (CPU work only)
                 started.set()
-                self._fill(buf, event, t)
+                self._fill(buf, t)
 
             try:
                 done = _staging_thread().submit(job)
             except RuntimeError:        # the interpreter is shutting down: the uploads copy for themselves
-                self._buffers[(t.numel(), dtype)] = (buf, event)
+                self._buffers[(t.numel(), dtype)] = (buf, None)
                 break
             staged = _Staged(t, dtype, buf, done)
             mine.append(staged)
@@ -137,8 +138,8 @@ class HostStaging:
         elif not self._stageable(t) or t.is_pinned():              # (is_pinned asks the driver: last)
             return t.to(device, dtype, non_blocking=True) if out is None else out.copy_(t, non_blocking=True)
         else:
-            buf, event = self._take_buffer(t, dtype)
-            self._fill(buf, event, t)
+            buf = self._take_buffer(t, dtype)
+            self._fill(buf, t)
         buf = buf.view(t.shape)
         result = buf.to(device, non_blocking=True) if out is None else out.copy_(buf, non_blocking=True)
         event = torch.cuda.Event()
